@@ -1,0 +1,332 @@
+"""The config schema: every option once, with its default, type, range and help.
+
+The CLI flags, a TOML file, `--set key=value` overrides and the Python API all fill the same
+`TrainConfig`. Option names follow diffusers' training scripts where a user would look for them.
+The resolved config (every default written out) is saved as `config.toml` in each run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+METHODS = ("dreambooth", "custom_diffusion", "textual_inversion", "lora")
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+        max: float | None = None, section: str = "training", flag: bool = False) -> Any:
+    """Declare one option. `flag=True` also exposes it as a CLI flag of `dreamtune train`."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "section": section, "flag": flag}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ConceptConfig:
+    """One subject (or style) to learn: its images, its identifier and its class."""
+
+    instance_data_dir: str = opt("", "Folder of 3-5 images of the subject; a same-named .txt beside an image is its caption.", section="concept")
+    identifier: str = opt("sks", "Rare token that names the subject (DreamBooth's [V]); for Custom Diffusion and Textual Inversion a new token such as <new1>.", section="concept")
+    class_noun: str = opt("", "The subject's class, e.g. 'dog' or 'backpack'.", section="concept")
+    instance_prompt: str = opt("a photo of {identifier} {class_noun}", "Template for the subject's images.", section="concept")
+    class_prompt: str = opt("a photo of {class_noun}", "Template for the class (prior) images.", section="concept")
+    class_data_dir: str = opt("", "Folder of class images: generated there when missing, or real images with .txt captions. Empty: <output_dir>/../class_images/<key>.", section="concept")
+    initializer_token: str = opt("", "Single-token word whose embedding initialises a new token (Custom Diffusion, Textual Inversion). Empty: the class noun.", section="concept")
+
+    def format(self, template: str) -> str:
+        """Fill {identifier} and {class_noun} (also accepted: {class}) in a template."""
+        return template.replace("{class}", "{class_noun}").format(identifier=self.identifier, class_noun=self.class_noun)
+
+    @property
+    def prompt(self) -> str:
+        return self.format(self.instance_prompt)
+
+    @property
+    def class_prompt_text(self) -> str:
+        return self.format(self.class_prompt)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Build it with `load_config` or directly in Python."""
+
+    # model
+    pretrained_model_name_or_path: str = opt("", "Base model: a diffusers folder, a hub id, or a single .safetensors/.ckpt file.", section="model", flag=True)
+    revision: str = opt("", "Hub revision of the base model.", section="model")
+    variant: str = opt("", "Weight variant of the base model, e.g. 'fp16'.", section="model")
+    single_file_config: str = opt("", "For a single-file base model: a diffusers folder or hub id giving its component configs (needed offline).", section="model")
+    method: str = opt("dreambooth", "Personalization method.", choices=METHODS, section="model", flag=True)
+    # run
+    output_dir: str = opt("runs/dreamtune", "Run folder: config, checkpoints, samples, logs and the artifact.", section="run", flag=True)
+    seed: int = opt(0, "Seed for every random choice; with it a CPU run is reproducible.", section="run", flag=True)
+    # data
+    resolution: int = opt(512, "Training resolution in pixels (images are resized and cropped to it).", min=8, section="data", flag=True)
+    center_crop: bool = opt(True, "Crop the centre (else a random crop) after resizing.", section="data")
+    random_flip: bool = opt(False, "Flip images horizontally at random.", section="data")
+    augment: str = opt("auto", "Custom Diffusion's rescale augmentation with 'very small'/'zoomed in' prompt words and a masked loss: 'auto' (on for custom_diffusion), 'on' or 'off'.", choices=("auto", "on", "off"), section="data")
+    skip_bad_images: bool = opt(False, "Skip unreadable images with a warning instead of stopping.", section="data")
+    repeats: int = opt(1, "How many times each instance image counts per epoch (kohya's num_repeats).", min=1, section="data")
+    # prior preservation
+    with_prior_preservation: bool = opt(False, "Train on the class images beside the subject's, so the class is not forgotten.", section="prior", flag=True)
+    prior_loss_weight: float = opt(1.0, "Weight of the prior-preservation loss (the paper's lambda).", min=0.0, section="prior", flag=True)
+    num_class_images: int = opt(100, "Class images to use; missing ones are generated by the frozen base model.", min=1, section="prior", flag=True)
+    class_prompt_source: str = opt("auto", "Prompts of the class images: 'template' (class_prompt) or 'captions' (the .txt beside each real image); 'auto' uses captions when present.", choices=("auto", "template", "captions"), section="prior")
+    sample_batch_size: int = opt(4, "Batch size when generating class images.", min=1, section="prior")
+    class_generation_steps: int = opt(30, "Sampling steps when generating class images.", min=1, section="prior")
+    class_generation_guidance: float = opt(7.5, "Guidance scale when generating class images.", min=0.0, section="prior")
+    # optimisation
+    train_batch_size: int = opt(1, "Instance images per step per process (the class half doubles it).", min=1, section="optim", flag=True)
+    max_train_steps: int = opt(400, "Optimizer steps.", min=1, section="optim", flag=True)
+    gradient_accumulation_steps: int = opt(1, "Batches accumulated per optimizer step.", min=1, section="optim", flag=True)
+    learning_rate: float = opt(5e-6, "Learning rate (before scale_lr).", min=0.0, section="optim", flag=True)
+    scale_lr: bool = opt(False, "Multiply the learning rate by batch size x accumulation x processes (Custom Diffusion does).", section="optim")
+    lr_scheduler: str = opt("constant", "Learning-rate schedule.", choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"), section="optim")
+    lr_warmup_steps: int = opt(0, "Warm-up steps of the schedule.", min=0, section="optim")
+    adam_beta1: float = opt(0.9, "AdamW beta1.", min=0.0, max=1.0, section="optim")
+    adam_beta2: float = opt(0.999, "AdamW beta2.", min=0.0, max=1.0, section="optim")
+    adam_weight_decay: float = opt(1e-2, "AdamW weight decay.", min=0.0, section="optim")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.", min=0.0, section="optim")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).", min=0.0, section="optim")
+    use_8bit_adam: bool = opt(False, "8-bit AdamW from bitsandbytes (CUDA).", section="optim")
+    train_text_encoder: bool = opt(False, "Also fine-tune the text encoder (DreamBooth, LoRA).", section="optim", flag=True)
+    text_encoder_lr: float = opt(0.0, "Learning rate of the text encoder (0: same as learning_rate).", min=0.0, section="optim")
+    snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (0: plain MSE).", min=0.0, section="optim")
+    # memory and speed
+    mixed_precision: str = opt("no", "Mixed precision of the frozen parts and autocast.", choices=("no", "fp16", "bf16"), section="speed", flag=True)
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.", section="speed", flag=True)
+    attention: str = opt("sdpa", "Attention kernel: PyTorch scaled-dot-product ('sdpa'), 'xformers' or diffusers' plain one ('eager').", choices=("sdpa", "xformers", "eager"), section="speed")
+    cache_latents: bool = opt(True, "Encode images with the VAE once when no random augmentation is on.", section="speed")
+    cache_text_embeddings: bool = opt(True, "Encode prompts once when the text encoder is frozen.", section="speed")
+    # checkpoints and logging
+    checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N steps (0: never).", min=0, section="run", flag=True)
+    checkpoints_total_limit: int = opt(0, "Keep at most this many checkpoints (0: all).", min=0, section="run")
+    validation_prompts: list = opt([], "Prompts rendered into a PNG grid during training; {identifier} and {class_noun} are filled from the first concept.", section="validation")
+    validation_steps: int = opt(100, "Render the validation prompts every N steps (0: only at the end).", min=0, section="validation", flag=True)
+    num_validation_images: int = opt(2, "Images per validation prompt.", min=1, section="validation")
+    validation_inference_steps: int = opt(25, "Sampling steps for validation.", min=1, section="validation")
+    validation_guidance_scale: float = opt(7.5, "Guidance scale for validation.", min=0.0, section="validation")
+    logging_steps: int = opt(1, "Log loss and lr every N steps.", min=1, section="run")
+    report_to: str = opt("csv", "Where to log: 'csv' always; 'tensorboard' or 'wandb' as well.", choices=("csv", "tensorboard", "wandb"), section="run")
+    # Custom Diffusion
+    train_params: str = opt("crossattn_kv", "Custom Diffusion: cross-attention key/value projections ('crossattn_kv') or all cross-attention projections ('crossattn').", choices=("crossattn_kv", "crossattn"), section="custom_diffusion")
+    compress_rank: int = opt(0, "Custom Diffusion: keep only the top singular values of each weight delta in the artifact (0: full).", min=0, section="custom_diffusion")
+    # Textual Inversion
+    num_vectors: int = opt(1, "Textual Inversion: embedding vectors per new token.", min=1, section="textual_inversion")
+    # LoRA
+    lora_rank: int = opt(4, "LoRA rank.", min=1, section="lora")
+    lora_alpha: float = opt(0.0, "LoRA alpha (0: equal to the rank).", min=0.0, section="lora")
+    lora_target_modules: list = opt(["to_k", "to_q", "to_v", "to_out.0"], "UNet modules that get LoRA adapters.", section="lora")
+    lora_dropout: float = opt(0.0, "LoRA dropout.", min=0.0, max=1.0, section="lora")
+    # concepts
+    concepts: list = field(default_factory=list, metadata={"help": "The concepts ([[concepts]] tables).", "section": "concepts"})
+
+    def __post_init__(self) -> None:
+        self.concepts = [c if isinstance(c, ConceptConfig) else concept_from_dict(c) for c in self.concepts]
+
+    @property
+    def augment_enabled(self) -> bool:
+        return self.augment == "on" or (self.augment == "auto" and self.method == "custom_diffusion")
+
+
+# Method defaults that differ from DreamBooth's: applied when the user did not set the option.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dreambooth": {},
+    "custom_diffusion": {"learning_rate": 1e-5, "scale_lr": True, "max_train_steps": 250, "train_batch_size": 2},
+    "textual_inversion": {"learning_rate": 5e-4, "scale_lr": True, "max_train_steps": 2000},
+    "lora": {"learning_rate": 1e-4, "max_train_steps": 500},
+}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _type_of(cls, name: str) -> type:
+    hints = typing.get_type_hints(cls)
+    t = hints[name]
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return typing.get_origin(t) or t
+
+
+def coerce(cls, name: str, value: Any, where: str) -> Any:
+    """Check one option's type and range, converting strings from the command line."""
+    f = _fields(cls)[name]
+    t = _type_of(cls, name)
+    meta = f.metadata
+    try:
+        if t is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError
+                value = low in ("true", "1", "yes", "on")
+            elif not isinstance(value, bool):
+                raise ValueError
+        elif t is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif t is float:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        elif t is list:
+            if isinstance(value, str):
+                value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            if not isinstance(value, list):
+                raise ValueError
+            value = [str(v) for v in value]
+        elif t is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            value = str(value)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ConfigError(f"{where}: option '{name}' expects {t.__name__}, got {value!r}.") from None
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{where}: option '{name}' must be one of {', '.join(meta['choices'])}; got {value!r}.")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{where}: option '{name}' must be >= {meta['min']}; got {value!r}.")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"{where}: option '{name}' must be <= {meta['max']}; got {value!r}.")
+    return value
+
+
+def _suggest(name: str, known) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" Did you mean '{close[0]}'?" if close else " See `dreamtune train --help` for the options."
+
+
+def concept_from_dict(d: dict, where: str = "concepts") -> ConceptConfig:
+    """Build a ConceptConfig from a mapping, rejecting unknown keys."""
+    known = _fields(ConceptConfig)
+    values = {}
+    for k, v in d.items():
+        if k not in known:
+            raise ConfigError(f"{where}: unknown concept option '{k}'.{_suggest(k, known)}")
+        values[k] = coerce(ConceptConfig, k, v, where)
+    return ConceptConfig(**values)
+
+
+def config_from_dict(d: dict, where: str = "config") -> TrainConfig:
+    """Build a TrainConfig from a mapping (a parsed TOML file), checking every key, type and range."""
+    known = _fields(TrainConfig)
+    values: dict[str, Any] = {}
+    for k, v in d.items():
+        if k not in known:
+            raise ConfigError(f"{where}: unknown option '{k}'.{_suggest(k, known)}")
+        if k == "concepts":
+            if isinstance(v, dict):
+                v = [v]
+            if not isinstance(v, list):
+                raise ConfigError(f"{where}: 'concepts' must be a list of [[concepts]] tables.")
+            values[k] = [concept_from_dict(c, f"{where}: concepts[{i}]") for i, c in enumerate(v)]
+        else:
+            values[k] = coerce(TrainConfig, k, v, where)
+    method = values.get("method", "dreambooth")
+    for k, v in METHOD_DEFAULTS.get(method, {}).items():
+        values.setdefault(k, v)
+    return TrainConfig(**values)
+
+
+def apply_override(config_dict: dict, assignment: str) -> None:
+    """Apply one `key=value` (or `concepts.0.key=value`) override to a config mapping in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. --set learning_rate=1e-5.")
+    key, value = assignment.split("=", 1)
+    key = key.strip()
+    if key.startswith("concepts."):
+        parts = key.split(".")
+        if len(parts) != 3 or not parts[1].isdigit():
+            raise ConfigError(f"--set {assignment!r}: concept options are set as concepts.<index>.<option>=value.")
+        concepts = config_dict.setdefault("concepts", [])
+        index = int(parts[1])
+        while len(concepts) <= index:
+            concepts.append({})
+        concepts[index][parts[2]] = value
+    else:
+        config_dict[key] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **values: Any) -> TrainConfig:
+    """Load a TOML config, apply `key=value` overrides and keyword values, and validate the result."""
+    data: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found. See examples/dreambooth.toml for one to copy.")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid TOML ({e}).") from None
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    data.update({k: v for k, v in values.items() if v is not None})
+    return config_from_dict(data, where)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v), ensure_ascii=False)
+
+
+def config_to_toml(config: TrainConfig) -> str:
+    """Write the resolved config as TOML, every option with its help as a comment."""
+    lines = ["# dreamtune resolved config: every option, defaults written out.", ""]
+    section = None
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "concepts":
+            continue
+        if f.metadata["section"] != section:
+            section = f.metadata["section"]
+            lines.append(f"# --- {section} ---")
+        lines.append(f"# {f.metadata['help']}")
+        lines.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
+    for c in config.concepts:
+        lines += ["", "[[concepts]]"]
+        for f in dataclasses.fields(ConceptConfig):
+            lines.append(f"{f.name} = {_toml_value(getattr(c, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    """The config as plain data (concepts as dicts)."""
+    return dataclasses.asdict(config)
+
+
+def options_help() -> list[tuple[str, str, Any, str]]:
+    """(section, name, default, help) for every option, for the CLI's --help and the README."""
+    rows = []
+    for cls in (TrainConfig, ConceptConfig):
+        for f in dataclasses.fields(cls):
+            if f.name == "concepts":
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_text = f.metadata["help"]
+            if f.metadata.get("choices"):
+                help_text += f" One of: {', '.join(f.metadata['choices'])}."
+            rows.append((f.metadata["section"], f.name, default, help_text))
+    return rows

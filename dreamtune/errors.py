@@ -1,0 +1,23 @@
+"""User-facing errors: one line that names the file or option and says what to do."""
+
+from __future__ import annotations
+
+
+class DreamtuneError(Exception):
+    """An error caused by the user's input. The CLI prints its message alone, without a traceback."""
+
+
+class ConfigError(DreamtuneError):
+    """A config option is unknown, of the wrong type or out of range."""
+
+
+class ImageError(DreamtuneError):
+    """An image file cannot be read as an image."""
+
+
+class ModelLoadError(DreamtuneError):
+    """A base model or artifact path cannot be loaded."""
+
+
+class TrainingDiverged(DreamtuneError):
+    """The loss became NaN or infinite."""
