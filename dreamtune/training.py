@@ -1,0 +1,398 @@
+"""The one training loop, for every method.
+
+Each optimizer step does, in order: take the step's examples (instance half, class half), encode
+them to latents and text embeddings (from the caches when nothing random changes them), add noise
+at random timesteps, predict it with the UNet, take the masked MSE of each half and add them with
+the prior weight, backpropagate, clip, step. Around that: checkpoints, validation grids and logs.
+
+Randomness is keyed by (seed, example index), not drawn from a running generator, so a resumed run,
+a run on several processes and an uninterrupted one train on the same noise and the same examples.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoints import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .concepts import check_identifier, load_concept
+from .config import TrainConfig, config_to_toml
+from .data.dataset import Example, TrainData, keyed_generator
+from .data.priors import class_folder, generate_class_images, has_captions, load_class_images
+from .errors import ConfigError, DreamtuneError, TrainingDiverged
+from .io import write_text
+from .logs import MetricsLog
+from .methods import Components, get_method
+from .pipeline import load_base
+
+logger = logging.getLogger(__name__)
+
+RUN_ENTRIES = {"config.toml", "checkpoints", "samples", "logs", "artifact"}
+
+
+@dataclass
+class RunResult:
+    """What `train` returns: where things are and how the loss went."""
+
+    output_dir: Path
+    artifact_dir: Path
+    global_step: int
+    losses: list[float] = field(default_factory=list)
+
+
+def prepare_output_dir(output_dir: Path, *, overwrite: bool, resume: str | None) -> None:
+    """Refuse to write into a non-empty folder unless resuming or told to overwrite it."""
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return
+    if resume:
+        return
+    if not overwrite:
+        raise DreamtuneError(
+            f"output_dir '{output_dir}' is not empty: pass --resume latest to continue that run, --overwrite to "
+            "start it over, or choose another --output-dir."
+        )
+    strangers = [p.name for p in output_dir.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith(".")]
+    if strangers:
+        raise DreamtuneError(
+            f"output_dir '{output_dir}' holds files that are not from a dreamtune run ({', '.join(sorted(strangers)[:3])}); "
+            "--overwrite only clears run folders. Choose another --output-dir."
+        )
+    for entry in output_dir.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def weight_dtype_of(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def set_attention(unet, kind: str) -> None:
+    """Choose the attention kernel: PyTorch SDPA (diffusers' default), xformers, or the plain one."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if kind == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except (ModuleNotFoundError, ValueError) as e:
+            raise ConfigError(f"attention = 'xformers': {e}. Install xformers or use attention = 'sdpa'.") from None
+    else:
+        unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
+
+
+def make_optimizer(param_groups: list[dict], config: TrainConfig, scale: float) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW) over the method's parameter groups."""
+    for group in param_groups:
+        group["lr"] = group["lr"] * scale
+    kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
+                  eps=config.adam_epsilon)
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("use_8bit_adam needs bitsandbytes: `pip install bitsandbytes` (CUDA), or turn the option off.") from None
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    return torch.optim.AdamW(param_groups, **kwargs)
+
+
+class Encoder:
+    """Turns examples into latents and prompts into embeddings, from caches when they are valid."""
+
+    def __init__(self, components: Components, data: TrainData, *, cache_latents: bool, cache_text: bool,
+                 device, dtype, seed: int):
+        self.c = components
+        self.device, self.dtype, self.seed = device, dtype, seed
+        self.scaling = components.vae.config.scaling_factor
+        self.latent_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.text_cache: dict[str, torch.Tensor] = {}
+        if cache_latents and data.deterministic:
+            for key, pixels in data.all_fixed_examples():
+                self.latent_cache[key] = self._distribution(pixels[None])
+        if cache_text:
+            prompts = data.all_prompts()
+            for start in range(0, len(prompts), 32):
+                chunk = prompts[start : start + 32]
+                with torch.no_grad():
+                    embeds = self.text(chunk, train=False)
+                self.text_cache.update({p: e for p, e in zip(chunk, embeds)})
+
+    @torch.no_grad()
+    def _distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.c.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def latents(self, examples: list[Example], gens: list[torch.Generator]) -> torch.Tensor:
+        """Sampled VAE latents, scaled; the sampling noise comes from each example's generator."""
+        means, stds = [], []
+        if all(e.source in self.latent_cache for e in examples):
+            for e in examples:
+                mean, std = self.latent_cache[e.source]
+                means.append(mean)
+                stds.append(std)
+            mean, std = torch.cat(means), torch.cat(stds)
+        else:
+            mean, std = self._distribution(torch.stack([e.pixels for e in examples]))
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]).to(mean.device)
+        return (mean + std * eps) * self.scaling
+
+    def tokens(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.c.tokenizer
+        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+
+    def text(self, prompts: list[str], *, train: bool, text_encoder=None) -> torch.Tensor:
+        """Prompt embeddings (last hidden state), from the cache when the text encoder is frozen."""
+        if not train and all(p in self.text_cache for p in prompts):
+            return torch.stack([self.text_cache[p] for p in prompts])
+        encoder = text_encoder or self.c.text_encoder
+        return encoder(self.tokens(prompts).to(self.device))[0]
+
+
+def diffusion_loss(unet, scheduler, latents, embeds, masks, gens, *, snr_gamma: float) -> torch.Tensor:
+    """Per-example masked MSE between the UNet's prediction and the scheduler's target."""
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents)
+    t = torch.stack([torch.randint(0, scheduler.config.num_train_timesteps, (), generator=g) for g in gens])
+    t = t.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    pred = unet(noisy.to(unet.dtype if hasattr(unet, "dtype") else latents.dtype), t, embeds).sample.float()
+    kind = scheduler.config.prediction_type
+    target = {"epsilon": noise, "v_prediction": None, "sample": latents}.get(kind, noise)
+    if kind == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, t)
+    error = F.mse_loss(pred, target.float(), reduction="none")
+    mask = masks.expand_as(error)
+    per_example = (error * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp(min=1.0)
+    if snr_gamma > 0:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(scheduler, t)
+        weight = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+        per_example = per_example * (weight / (snr + 1) if kind == "v_prediction" else weight / snr)
+    return per_example
+
+
+def default_validation_prompts(concepts) -> list[str]:
+    prompts = []
+    for c in concepts:
+        prompts += [c.config.prompt, c.config.class_prompt_text]
+    return prompts
+
+
+def train(config: TrainConfig, *, overwrite: bool = False, resume: str | None = None,
+          progress: bool = True) -> RunResult:
+    """Train one run as `config` says and write its run folder; returns where the artifact is.
+
+    `resume` is "latest" or a checkpoint folder: training continues from there and ends with the
+    same weights as an uninterrupted run. Runs unchanged under `accelerate launch` and `torchrun`.
+    """
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    output_dir = Path(config.output_dir).expanduser()
+    trackers = [config.report_to] if config.report_to in ("tensorboard", "wandb") else None
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=trackers,
+                              project_dir=str(output_dir / "logs"))
+    main = accelerator.is_main_process
+    if not config.concepts:
+        raise ConfigError("no concepts: add a [[concepts]] table or pass --instance-data-dir and --class-noun.")
+    if main:
+        prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
+    accelerator.wait_for_everyone()
+    torch.manual_seed(config.seed)
+
+    # Model, concepts, class images (generated by the base model while it is still frozen).
+    weight_dtype = weight_dtype_of(config.mixed_precision)
+    pipe = load_base(config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
+                     single_file_config=config.single_file_config)
+    components = Components.from_pipeline(pipe, config.pretrained_model_name_or_path)
+    concepts = [load_concept(c, skip_bad_images=config.skip_bad_images, index=i) for i, c in enumerate(config.concepts)]
+    for c in concepts:
+        for warning in check_identifier(components.tokenizer, c.config.identifier):
+            logger.warning(warning)
+    priors = None
+    if config.with_prior_preservation:
+        pipe.to(accelerator.device)
+        priors = []
+        for c in concepts:
+            folder = class_folder(c.config, config.pretrained_model_name_or_path, config)
+            if not has_captions(folder):
+                generate_class_images(pipe, c.class_prompt, folder, config.num_class_images, config,
+                                      rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                      progress=progress and main)
+            accelerator.wait_for_everyone()
+            priors.append(load_class_images(c.config, folder, config))
+
+    set_attention(components.unet, config.attention)
+    method = get_method(config.method)(config)
+    param_groups = method.prepare(components, concepts)
+    trainable = [p for g in param_groups for p in g["params"]]
+    data = TrainData(concepts, priors, resolution=config.resolution, center_crop=config.center_crop,
+                     random_flip=config.random_flip, augment=config.augment_enabled,
+                     latent_scale=components.latent_scale, seed=config.seed, repeats=config.repeats)
+
+    # Frozen weights are kept in the mixed-precision dtype; trained ones stay float32.
+    for module in (components.unet, components.vae, components.text_encoder):
+        module.to(accelerator.device)
+        for p in module.parameters():
+            if not p.requires_grad and p.dtype != weight_dtype:
+                p.data = p.data.to(weight_dtype)
+    if config.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if method.trains_text_encoder(components):
+            components.text_encoder.gradient_checkpointing_enable()
+    train_text = method.trains_text_encoder(components)
+    encoder = Encoder(components, data, cache_latents=config.cache_latents,
+                      cache_text=config.cache_text_embeddings and not train_text,
+                      device=accelerator.device, dtype=weight_dtype, seed=config.seed)
+
+    world = accelerator.num_processes
+    scale = config.train_batch_size * config.gradient_accumulation_steps * world if config.scale_lr else 1.0
+    optimizer = make_optimizer(param_groups, config, scale)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=config.max_train_steps)
+    unet = components.unet
+    text_encoder = components.text_encoder
+    if train_text:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    unet.train()
+    if train_text:
+        text_encoder.train()
+
+    start_step = 0
+    if resume:
+        checkpoint = latest_checkpoint(output_dir) if resume == "latest" else Path(resume).expanduser()
+        if checkpoint is None:
+            logger.warning("no checkpoint in %s: starting a new run", output_dir / "checkpoints")
+        else:
+            start_step = load_checkpoint(checkpoint, method, components, optimizer, lr_scheduler)
+            logger.info("resumed from %s at step %d", checkpoint, start_step)
+    if main:
+        write_text(output_dir / "config.toml", config_to_toml(config))
+        if trackers:
+            accelerator.init_trackers("dreamtune", config={k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))})
+    log = MetricsLog(output_dir / "logs" / "metrics.csv", start_step=start_step) if main else None
+    validation_prompts = [concepts[0].config.format(p) for p in config.validation_prompts] or default_validation_prompts(concepts)
+
+    batch = config.train_batch_size
+    accum = config.gradient_accumulation_steps
+    prior = config.with_prior_preservation
+    losses: list[float] = []
+    bar = tqdm(range(start_step, config.max_train_steps), initial=start_step, total=config.max_train_steps,
+               desc=f"{config.method}", disable=not (progress and main))
+    for step in bar:
+        t0 = time.perf_counter()
+        step_loss = torch.zeros(3, device=accelerator.device)
+        for micro in range(accum):
+            first = ((step * accum + micro) * world + accelerator.process_index) * batch
+            ks = range(first, first + batch)
+            examples = [data.instance(k) for k in ks]
+            gens = [keyed_generator(config.seed, "instance", k) for k in ks]
+            if prior:
+                examples += [data.prior(k) for k in ks]
+                gens += [keyed_generator(config.seed, "prior", k) for k in ks]
+            sync = micro == accum - 1
+            with (nullcontext() if sync else accelerator.no_sync(unet)), accelerator.autocast():
+                latents = encoder.latents(examples, gens)
+                embeds = encoder.text([e.prompt for e in examples], train=train_text, text_encoder=text_encoder)
+                masks = torch.stack([e.mask if e.mask is not None else torch.ones(1, *latents.shape[2:]) for e in examples])
+                per_example = diffusion_loss(unet, components.noise_scheduler, latents, embeds.to(weight_dtype) if not train_text else embeds,
+                                             masks.to(latents.device), gens, snr_gamma=config.snr_gamma)
+                instance_loss = per_example[:batch].mean()
+                prior_loss = per_example[batch:].mean() if prior else torch.zeros_like(instance_loss)
+                loss = instance_loss + config.prior_loss_weight * prior_loss
+                accelerator.backward(loss / accum)
+            step_loss += torch.stack([loss.detach(), instance_loss.detach(), prior_loss.detach()]) / accum
+        step_loss = accelerator.reduce(step_loss, reduction="mean")
+        if not torch.isfinite(step_loss).all():
+            last = latest_checkpoint(output_dir)
+            raise TrainingDiverged(
+                f"the loss became {step_loss[0].item()} at step {step + 1}; the weights were not updated. "
+                + (f"The last good checkpoint is {last}. " if last else "")
+                + "Lower learning_rate, or use mixed_precision = 'bf16' instead of 'fp16'."
+            )
+        if config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_step(components)
+        global_step = step + 1
+        loss_value = step_loss[0].item()
+        losses.append(loss_value)
+        if main and (global_step % config.logging_steps == 0 or global_step == config.max_train_steps):
+            row = {"step": global_step, "loss": loss_value, "instance_loss": step_loss[1].item(),
+                   "prior_loss": step_loss[2].item(), "lr": lr_scheduler.get_last_lr()[0],
+                   "step_time": time.perf_counter() - t0}
+            log.append(row)
+            if trackers:
+                accelerator.log(row, step=global_step)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 and global_step < config.max_train_steps:
+            if main:
+                save_checkpoint(output_dir, global_step, method, components, optimizer, lr_scheduler)
+                prune_checkpoints(output_dir, config.checkpoints_total_limit)
+            accelerator.wait_for_everyone()
+        if config.validation_steps and global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
+            if main:
+                run_validation(components, validation_prompts, config, output_dir, global_step, accelerator)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    artifact_dir = output_dir / "artifact"
+    accelerator.wait_for_everyone()
+    if main:
+        run_validation(components, validation_prompts, config, output_dir, config.max_train_steps, accelerator)
+        save_artifact(method, components, artifact_dir, config)
+        log.plot(output_dir / "logs" / "loss.png")
+    accelerator.wait_for_everyone()
+    if trackers:
+        accelerator.end_training()
+    return RunResult(output_dir, artifact_dir, config.max_train_steps, losses)
+
+
+def save_artifact(method, components: Components, artifact_dir: Path, config: TrainConfig) -> None:
+    """Write the method's artifact and its metadata into `artifact_dir`, atomically."""
+    from .artifacts import metadata, write_metadata
+    from .io import atomic_dir
+
+    meta = metadata(method.name, config.pretrained_model_name_or_path, method.tokens,
+                    concepts=[{"identifier": c.identifier, "class_noun": c.class_noun} for c in config.concepts])
+    with atomic_dir(artifact_dir) as tmp:
+        method.save_artifact(components, tmp, meta)
+        write_metadata(tmp, meta)
+
+
+@torch.no_grad()
+def run_validation(components: Components, prompts: list[str], config: TrainConfig, output_dir: Path,
+                   step: int, accelerator) -> Path:
+    """Render the validation prompts with a fixed seed into samples/step-XXXXXX.png."""
+    from .grid import image_grid
+    from .io import save_image
+    from .pipeline import sample
+
+    unet, text_encoder = components.unet, components.text_encoder
+    was_training = unet.training, text_encoder.training
+    unet.eval()
+    text_encoder.eval()
+    pipe = components.pipe
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        with accelerator.autocast():
+            images = sample(pipe, prompts, num_images=config.num_validation_images, seed=config.seed,
+                            steps=config.validation_inference_steps, guidance=config.validation_guidance_scale,
+                            height=config.resolution, width=config.resolution)
+    finally:
+        unet.train(was_training[0])
+        text_encoder.train(was_training[1])
+    path = output_dir / "samples" / f"step-{step:06d}.png"
+    save_image(image_grid(images, prompts, config.num_validation_images, title=f"step {step}"), path)
+    return path
+

@@ -1,0 +1,355 @@
+"""The shapes world: procedural images of one object on a coloured background, with prompt-style captions.
+
+Every image is a `Scene`: an object class (circle, square, triangle, star, heart, ring), its colour, its
+size and position, a background colour and, for subjects only, a two-colour pattern. Scenes are drawn
+at 4x and box-downsampled so edges are anti-aliased. Captions read like real prompts and leave
+attributes out at random ("a photo of a red star on a blue background, in the top left", "a star",
+"a star on a green background"), so that a bare class prompt means "any star" to a model trained on
+them. Everything is seeded: the same seed gives the same images and captions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+RESOLUTION = 32
+SUPERSAMPLE = 4
+
+CLASSES = ("circle", "square", "triangle", "star", "heart", "ring")
+
+# Saturated colours far apart in RGB, so they stay tellable apart after the VAE's blur.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "purple": (140, 50, 180),
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
+}
+COLOURS = tuple(PALETTE)
+
+# Object radius in pixels at 32 px for each size word.
+SIZES: dict[str, float] = {"small": 6.0, "medium": 8.5, "large": 11.0}
+
+POSITIONS = ("center", "top", "bottom", "left", "right", "top left", "top right", "bottom left", "bottom right")
+POSITION_PHRASES = {
+    "center": "in the center",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "left": "on the left",
+    "right": "on the right",
+    "top left": "in the top left",
+    "top right": "in the top right",
+    "bottom left": "in the bottom left",
+    "bottom right": "in the bottom right",
+}
+
+# Colour-class pairs never drawn in the base model's training data: the quality check prompts for
+# them, so it measures whether the model composes words rather than recalls images.
+HELD_OUT: tuple[tuple[str, str], ...] = (
+    ("blue", "triangle"),
+    ("yellow", "heart"),
+    ("red", "ring"),
+    ("green", "star"),
+)
+
+PATTERNS = ("plain", "stripes", "band", "dashes", "spot", "checker", "split", "border")
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image of the world: an object of a class, its colours, size, position and background."""
+
+    cls: str
+    colour: str
+    background: str
+    size: str = "medium"
+    position: str = "center"
+    pattern: str = "plain"
+    colour2: str | None = None
+    # Small offsets (pixels) and scale so images of one description differ.
+    jitter_x: float = 0.0
+    jitter_y: float = 0.0
+    jitter_scale: float = 1.0
+
+    def attributes(self) -> dict[str, str]:
+        """The attributes the oracle reads back: class, colour, background, size, position, pattern."""
+        out = {
+            "class": self.cls,
+            "colour": self.colour,
+            "background": self.background,
+            "size": self.size,
+            "position": self.position,
+            "pattern": self.pattern,
+        }
+        if self.pattern != "plain":
+            out["colour2"] = self.colour2 or ""
+        return out
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def _polygon_mask(u: np.ndarray, v: np.ndarray, points: np.ndarray) -> np.ndarray:
+    inside = np.zeros(u.shape, dtype=bool)
+    n = len(points)
+    for i in range(n):
+        x1, y1 = points[i]
+        x2, y2 = points[(i + 1) % n]
+        if y1 == y2:
+            continue
+        crosses = (y1 > v) != (y2 > v)
+        x_at = (x2 - x1) * (v - y1) / (y2 - y1) + x1
+        inside ^= crosses & (u < x_at)
+    return inside
+
+
+def _star_points() -> np.ndarray:
+    pts = []
+    for k in range(10):
+        radius = 1.0 if k % 2 == 0 else 0.5
+        angle = -math.pi / 2 + k * math.pi / 5
+        pts.append((radius * math.cos(angle), radius * math.sin(angle)))
+    return np.array(pts)
+
+
+def _heart_points() -> np.ndarray:
+    t = np.linspace(0, 2 * math.pi, 72, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    x = x / 16.0
+    y = (y - (y.max() + y.min()) / 2) / ((y.max() - y.min()) / 2) * 0.95
+    return np.stack([x, y], axis=1)
+
+
+_STAR = _star_points()
+_HEART = _heart_points()
+_TRIANGLE = np.array([(0.0, -1.0), (1.0, 0.85), (-1.0, 0.85)])
+_SQUARE_HALF = 0.85
+_RING_INNER = 0.58
+
+
+def shape_mask(cls: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Inside-test of a class in object coordinates (units of the object radius; v points down)."""
+    if cls == "circle":
+        return u * u + v * v <= 1.0
+    if cls == "square":
+        return (np.abs(u) <= _SQUARE_HALF) & (np.abs(v) <= _SQUARE_HALF)
+    if cls == "triangle":
+        return _polygon_mask(u, v, _TRIANGLE)
+    if cls == "star":
+        return _polygon_mask(u, v, _STAR)
+    if cls == "heart":
+        return _polygon_mask(u, v, _HEART)
+    if cls == "ring":
+        r2 = u * u + v * v
+        return (r2 <= 1.0) & (r2 >= _RING_INNER**2)
+    raise ValueError(f"unknown class {cls!r}; choose one of {', '.join(CLASSES)}")
+
+
+def shape_extent(cls: str) -> tuple[float, float, float, float]:
+    """The class's bounding box in object coordinates: (u_min, u_max, v_min, v_max)."""
+    if cls in ("circle", "ring"):
+        return (-1.0, 1.0, -1.0, 1.0)
+    if cls == "square":
+        return (-_SQUARE_HALF, _SQUARE_HALF, -_SQUARE_HALF, _SQUARE_HALF)
+    pts = {"triangle": _TRIANGLE, "star": _STAR, "heart": _HEART}[cls]
+    return (float(pts[:, 0].min()), float(pts[:, 0].max()), float(pts[:, 1].min()), float(pts[:, 1].max()))
+
+
+def pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Where a pattern's second colour lies, in object coordinates (the rest has the first colour)."""
+    if pattern == "plain":
+        return np.zeros(u.shape, dtype=bool)
+    if pattern == "stripes":  # four horizontal stripes over the object's height
+        return (np.floor((v + 1.0) / 0.5).astype(int) % 2) == 1
+    if pattern == "band":  # one horizontal band just below the middle
+        return (v >= 0.0) & (v <= 0.45)
+    if pattern == "dashes":  # the rim cut into eight segments of alternating colour
+        angle = np.arctan2(v, u) + math.pi
+        return (np.floor(angle / (math.pi / 4)).astype(int) % 2) == 1
+    if pattern == "spot":
+        return u * u + v * v <= 0.42**2
+    if pattern == "checker":
+        return (u * v) > 0
+    if pattern == "split":
+        return u > 0
+    if pattern == "border":
+        return (np.abs(u) >= 0.55) | (np.abs(v) >= 0.55)
+    raise ValueError(f"unknown pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
+
+
+def placement(scene: Scene, resolution: int = RESOLUTION) -> tuple[float, float, float]:
+    """Centre (x, y) and radius of the scene's object, in pixels of a `resolution` image."""
+    scale = resolution / RESOLUTION
+    radius = SIZES[scene.size] * scene.jitter_scale
+    offset = position_offset(scene.size)
+    dx = {"left": -1, "right": 1}
+    dy = {"top": -1, "bottom": 1}
+    words = scene.position.split()
+    sx = sum(dx.get(w, 0) for w in words)
+    sy = sum(dy.get(w, 0) for w in words)
+    cx = RESOLUTION / 2 + sx * offset + scene.jitter_x
+    cy = RESOLUTION / 2 + sy * offset + scene.jitter_y
+    return cx * scale, cy * scale, radius * scale
+
+
+def position_offset(size: str) -> float:
+    """How far (pixels at 32 px) an off-centre object of this size sits from the centre."""
+    return RESOLUTION / 2 - SIZES[size] - 1.5
+
+
+def _grid(resolution: int, supersample: int) -> tuple[np.ndarray, np.ndarray]:
+    n = resolution * supersample
+    coords = (np.arange(n) + 0.5) / supersample
+    return np.meshgrid(coords, coords)  # x, y in pixels of the final image
+
+
+_GRIDS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _cached_grid(resolution: int, supersample: int) -> tuple[np.ndarray, np.ndarray]:
+    key = (resolution, supersample)
+    if key not in _GRIDS:
+        _GRIDS[key] = _grid(resolution, supersample)
+    return _GRIDS[key]
+
+
+def render(scene: Scene, resolution: int = RESOLUTION, supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """Draw a scene as an RGB uint8 array of shape (resolution, resolution, 3)."""
+    x, y = _cached_grid(resolution, supersample)
+    cx, cy, radius = placement(scene, resolution)
+    u = (x - cx) / radius
+    v = (y - cy) / radius
+    inside = shape_mask(scene.cls, u, v)
+    canvas = np.empty(x.shape + (3,), dtype=np.float32)
+    canvas[:] = PALETTE[scene.background]
+    canvas[inside] = PALETTE[scene.colour]
+    if scene.pattern != "plain":
+        second = inside & pattern_mask(scene.pattern, u, v)
+        canvas[second] = PALETTE[scene.colour2 or scene.colour]
+    n = resolution
+    small = canvas.reshape(n, supersample, n, supersample, 3).mean(axis=(1, 3))
+    return np.clip(np.rint(small), 0, 255).astype(np.uint8)
+
+
+def render_pil(scene: Scene, resolution: int = RESOLUTION):
+    """Draw a scene as a PIL RGB image."""
+    from PIL import Image
+
+    return Image.fromarray(render(scene, resolution), mode="RGB")
+
+
+# ---------------------------------------------------------------- captions
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def describe(
+    cls: str,
+    colour: str | None = None,
+    background: str | None = None,
+    size: str | None = None,
+    position: str | None = None,
+    prefix: str = "a photo of ",
+    article: bool = True,
+) -> str:
+    """A prompt naming the given attributes, e.g. "a photo of a small red star on a blue background"."""
+    words = [w for w in (size, colour, cls) if w]
+    noun = " ".join(words)
+    text = f"{prefix}{_article(noun) + ' ' if article else ''}{noun}"
+    if background:
+        text += f" on {_article(background)} {background} background"
+    if position:
+        text += f", {POSITION_PHRASES[position]}"
+    return text
+
+
+# How often each attribute is named in a training caption. Leaving attributes out at random is
+# what lets a bare "a star" (and prior preservation's class images) mean a clean star of any kind.
+CAPTION_KEEP = {"colour": 0.7, "background": 0.6, "size": 0.35, "position": 0.35}
+PREFIXES = ("", "a photo of ", "a picture of ", "an image of ")
+PREFIX_WEIGHTS = (0.4, 0.3, 0.15, 0.15)
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A training caption of the scene in prompt style, with attributes left out at random."""
+    keep = {k: rng.random() < p for k, p in CAPTION_KEEP.items()}
+    prefix = PREFIXES[rng.choice(len(PREFIXES), p=PREFIX_WEIGHTS)]
+    article = rng.random() >= 0.1  # "a photo of star" is a common template too
+    return describe(
+        scene.cls,
+        colour=scene.colour if keep["colour"] else None,
+        background=scene.background if keep["background"] else None,
+        size=scene.size if keep["size"] else None,
+        position=scene.position if keep["position"] else None,
+        prefix=prefix,
+        article=article,
+    )
+
+
+# ---------------------------------------------------------------- sampling scenes
+
+
+def _jitter(rng: np.random.Generator) -> dict[str, float]:
+    return {
+        "jitter_x": float(rng.uniform(-1.0, 1.0)),
+        "jitter_y": float(rng.uniform(-1.0, 1.0)),
+        "jitter_scale": float(rng.uniform(0.94, 1.06)),
+    }
+
+
+def random_scene(rng: np.random.Generator, include_held_out: bool = False) -> Scene:
+    """A random plain scene of the world; held-out colour-class pairs are skipped unless asked for."""
+    while True:
+        cls = CLASSES[rng.integers(len(CLASSES))]
+        colour = COLOURS[rng.integers(len(COLOURS))]
+        if include_held_out or (colour, cls) not in HELD_OUT:
+            break
+    background = colour
+    while background == colour:
+        background = COLOURS[rng.integers(len(COLOURS))]
+    size = tuple(SIZES)[rng.integers(len(SIZES))]
+    position = POSITIONS[rng.integers(len(POSITIONS))]
+    return Scene(cls, colour, background, size, position, **_jitter(rng))
+
+
+def random_patterned_scene(rng: np.random.Generator) -> Scene:
+    """A random scene with a random two-colour pattern (used to train the VAE, never the UNet)."""
+    base = random_scene(rng, include_held_out=True)
+    pattern = PATTERNS[1 + rng.integers(len(PATTERNS) - 1)]
+    choices = [c for c in COLOURS if c not in (base.colour, base.background)]
+    colour2 = choices[rng.integers(len(choices))]
+    return dataclasses.replace(base, pattern=pattern, colour2=colour2)
+
+
+def training_batch(seed: int, index: int, batch_size: int, patterned_share: float = 0.0):
+    """Batch `index` of the stream seeded by `seed`: (uint8 images [B,H,W,3], captions, scenes).
+
+    The batch depends only on (seed, index), so a resumed run sees exactly the batches an
+    uninterrupted run would.
+    """
+    rng = np.random.default_rng([seed, index])
+    scenes = [
+        random_patterned_scene(rng) if rng.random() < patterned_share else random_scene(rng)
+        for _ in range(batch_size)
+    ]
+    images = np.stack([render(s) for s in scenes])
+    captions = [caption(s, rng) for s in scenes]
+    return images, captions, scenes
+
+
+def iter_scenes(seed: int, count: int, include_held_out: bool = False) -> Iterator[Scene]:
+    """`count` random plain scenes from a seed."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        yield random_scene(rng, include_held_out=include_held_out)
