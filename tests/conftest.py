@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny real Stable Diffusion components saved once per test session, subject images."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Generated class images go to a per-session cache, never the user's."""
+    monkeypatch.setenv("DREAMTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny StableDiffusionPipeline saved as a diffusers folder (epsilon prediction)."""
+    from dreamtune.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model_dir(tmp_path_factory):
+    """A tiny pipeline whose scheduler predicts v (as SD 2.x does)."""
+    from dreamtune.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tinyv") / "model", seed=0, prediction_type="v_prediction")
+
+
+def draw_subject(path, i: int, size=(40, 48)) -> None:
+    image = Image.new("RGB", size, (40 * i % 255, 120, 200))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([4 + i, 6, 28 + i, 30], fill=(230, 30, 30))
+    draw.rectangle([10, 14 + i, 20, 18 + i], fill=(250, 220, 0))
+    image.save(path)
+
+
+@pytest.fixture(scope="session")
+def subject_dir(tmp_path_factory):
+    """Four small images of one made-up subject."""
+    folder = tmp_path_factory.mktemp("subject")
+    for i in range(4):
+        draw_subject(folder / f"{i}.png", i)
+    return folder
+
+
+@pytest.fixture
+def make_config(tiny_model_dir, subject_dir, tmp_path):
+    """Build a small, fast TrainConfig on the tiny model; keyword arguments override."""
+    from dreamtune.config import load_config
+
+    def make(**overrides):
+        values = dict(
+            pretrained_model_name_or_path=str(tiny_model_dir),
+            output_dir=str(tmp_path / "run"),
+            resolution=32,
+            max_train_steps=4,
+            train_batch_size=2,
+            learning_rate=1e-3,
+            validation_steps=0,
+            checkpointing_steps=0,
+            num_validation_images=1,
+            validation_inference_steps=2,
+            class_generation_steps=2,
+            num_class_images=4,
+            validation_prompts=["a photo of {identifier} {class_noun}"],
+            concepts=[{"instance_data_dir": str(subject_dir), "class_noun": "dog"}],
+        )
+        values.update(overrides)
+        return load_config(None, **values)
+
+    return make
