@@ -78,7 +78,7 @@ class TrainConfig:
     center_crop: bool = opt(True, "Crop the centre (else a random crop) after resizing.", section="data")
     random_flip: bool = opt(False, "Flip images horizontally at random.", section="data")
     augment: str = opt("auto", "Custom Diffusion's rescale augmentation with 'very small'/'zoomed in' prompt words and a masked loss: 'auto' (on for custom_diffusion), 'on' or 'off'.", choices=("auto", "on", "off"), section="data")
-    skip_bad_images: bool = opt(False, "Skip unreadable images with a warning instead of stopping.", section="data")
+    skip_bad_images: bool = opt(False, "Skip unreadable images with a warning instead of stopping.", section="data", flag=True)
     repeats: int = opt(1, "How many times each instance image counts per epoch (kohya's num_repeats).", min=1, section="data")
     # prior preservation
     with_prior_preservation: bool = opt(False, "Train on the class images beside the subject's, so the class is not forgotten.", section="prior", flag=True)

@@ -45,6 +45,8 @@ class RunResult:
     artifact_dir: Path
     global_step: int
     losses: list[float] = field(default_factory=list)
+    #: The trained pipeline, still in memory (on the main process).
+    pipeline: object = field(default=None, repr=False)
 
 
 def prepare_output_dir(output_dir: Path, *, overwrite: bool, resume: str | None) -> None:
@@ -355,7 +357,7 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: str | None = 
     accelerator.wait_for_everyone()
     if trackers:
         accelerator.end_training()
-    return RunResult(output_dir, artifact_dir, config.max_train_steps, losses)
+    return RunResult(output_dir, artifact_dir, config.max_train_steps, losses, pipe)
 
 
 def save_artifact(method, components: Components, artifact_dir: Path, config: TrainConfig) -> None:

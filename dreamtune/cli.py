@@ -1,0 +1,254 @@
+"""The `dreamtune` command: train, sample, tokens, export, and the commands other modules register."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig, options_help
+from .errors import DreamtuneError
+
+# Modules that add their own subcommands through `register(subparsers)`; a missing one is skipped.
+EXTENSIONS = (
+    "dreamtune.evaluate.cli",
+    "dreamtune.cd_cli",
+    "dreamtune.world.cli",
+)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="diffusers")
+    try:
+        import diffusers
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_train_parser(subparsers) -> None:
+    sections: dict[str, list] = {}
+    for section, name, default, help_text in options_help():
+        sections.setdefault(section, []).append((name, default, help_text))
+    epilog = ["every option (set in the TOML file or with --set key=value; concept options in [[concepts]] tables):"]
+    for section, rows in sections.items():
+        epilog.append(f"\n  [{section}]")
+        for name, default, help_text in rows:
+            epilog.append(f"    {name} = {default!r}\n        {help_text}")
+    p = subparsers.add_parser(
+        "train",
+        help="train a personalized model from a TOML config",
+        description="Train a run. Options come from CONFIG.toml, then --set overrides, then the flags below.",
+        epilog="\n".join(epilog),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="TOML config file (see examples/dreambooth.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any option, e.g. --set learning_rate=1e-5 or --set concepts.0.identifier=zwx")
+    p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint of output_dir, or a checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="clear a non-empty output_dir of an earlier run and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    import dataclasses
+
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("flag"):
+            continue
+        default = f.default
+        if isinstance(default, bool):
+            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{f.metadata['help']} (default: {default})")
+        else:
+            p.add_argument(_flag(f.name), dest=f.name, default=None, metavar=f.name.upper(),
+                           help=f"{f.metadata['help']} (default: {default!r})")
+    for name, help_text in (("instance_data_dir", "folder of the subject's images (first concept)"),
+                            ("identifier", "the subject's rare identifier, e.g. sks (first concept)"),
+                            ("class_noun", "the subject's class, e.g. dog (first concept)"),
+                            ("class_data_dir", "folder of class images (first concept)")):
+        p.add_argument(_flag(name), dest=f"concept_{name}", default=None, help=help_text)
+    p.set_defaults(func=cmd_train)
+
+
+def build_config(args) -> TrainConfig:
+    """The TrainConfig of `dreamtune train`: file, then --set, then flags."""
+    import dataclasses
+
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    for name in ("instance_data_dir", "identifier", "class_noun", "class_data_dir"):
+        value = getattr(args, f"concept_{name}")
+        if value is not None:
+            overrides.append(f"concepts.0.{name}={value}")
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if f.metadata.get("flag") and getattr(args, f.name, None) is not None}
+    return load_config(args.config, overrides=overrides, **values)
+
+
+def cmd_train(args) -> int:
+    from .training import train
+
+    config = build_config(args)
+    result = train(config, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+    print(f"artifact: {result.artifact_dir}")
+    print(f"samples:  {result.output_dir / 'samples'}")
+    print(f"sample it: dreamtune sample --weights {result.output_dir} --prompt \"{config.concepts[0].prompt}\"")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .grid import image_grid
+    from .io import save_image
+    from .pipeline import load_pipeline, sample
+
+    if not args.base and not args.weights:
+        raise DreamtuneError("sample: give --base (a model) and/or --weights (a run or artifact).")
+    import torch
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
+    pipe = load_pipeline(args.base, *args.weights, torch_dtype=dtype, device=args.device)
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise DreamtuneError(f"--out '{out}' is not empty: pass --overwrite or choose another folder.")
+    images = sample(pipe, args.prompt, num_images=args.n, seed=args.seed, steps=args.steps,
+                    guidance=args.guidance, negative_prompt=args.negative_prompt, height=args.height,
+                    width=args.width, progress=True)
+    for i, image in enumerate(images):
+        p, j = divmod(i, args.n)
+        save_image(image, out / f"prompt{p:02d}-{j:02d}.png")
+    save_image(image_grid(images, args.prompt, args.n), out / "grid.png")
+    print(f"{len(images)} images written to {out}")
+    return 0
+
+
+def cmd_tokens(args) -> int:
+    from .concepts import check_identifier, rare_tokens
+    from .pipeline import load_base
+
+    tokenizer = _load_tokenizer(args.base) if args.base else None
+    if tokenizer is None:
+        tokenizer = load_base(args.base).tokenizer
+    if args.check:
+        problems = check_identifier(tokenizer, args.check)
+        print("\n".join(problems) if problems else f"'{args.check}' is a single rare token: a good identifier.")
+        return 0
+    print("rare single-token identifiers (token, id):")
+    for word, idx in rare_tokens(tokenizer, args.n):
+        print(f"  {word:8s} {idx}")
+    return 0
+
+
+def _load_tokenizer(base: str):
+    """The tokenizer alone from a diffusers folder (fast); None when it must come from the full model."""
+    folder = Path(base).expanduser() / "tokenizer"
+    if folder.is_dir():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return None
+
+
+def cmd_export(args) -> int:
+    from .artifacts import read_artifact
+    from .export import export
+
+    info = read_artifact(args.weights)
+    path = export(info, args.format, Path(args.out), base=args.base, half=args.half, overwrite=args.overwrite)
+    print(f"exported {info.method} artifact as {args.format}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="dreamtune", description="Teach a Stable Diffusion model your subject.")
+    parser.add_argument("--version", action="version", version=f"dreamtune {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train_parser(sub)
+
+    p = sub.add_parser("sample", help="render prompts with a base model and/or trained artifacts")
+    p.add_argument("--base", help="base model (folder, hub id or single file); optional when --weights records it")
+    p.add_argument("--weights", action="append", default=[], metavar="RUN_OR_ARTIFACT", help="a run or artifact folder (repeatable)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("-n", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="image i of each prompt uses seed+i (default 0)")
+    p.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
+    p.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("tokens", help="list rare single-token identifiers of a model's tokenizer, or check one")
+    p.add_argument("--base", required=True, help="base model")
+    p.add_argument("-n", type=int, default=20, help="how many to list (default 20)")
+    p.add_argument("--check", metavar="WORD", help="check one identifier instead")
+    p.set_defaults(func=cmd_tokens)
+
+    p = sub.add_parser("export", help="export an artifact for other tools (single file for A1111/ComfyUI, kohya LoRA)")
+    p.add_argument("weights", help="run or artifact folder")
+    p.add_argument("--format", choices=("single-file", "kohya"), default="single-file",
+                   help="single-file: one .safetensors in the original SD layout (DreamBooth); kohya: LoRA with kohya keys")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--base", help="base model, when the artifact's recorded one has moved")
+    p.add_argument("--half", action="store_true", help="store weights in float16")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    for module_name in EXTENSIONS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and module_name.startswith(e.name):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `dreamtune` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    if not verbose:
+        _quiet_libraries()
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (DreamtuneError, ConfigError) as e:
+        if verbose:
+            raise
+        print(f"dreamtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dreamtune: interrupted; a run continues with `dreamtune train ... --resume latest`.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
