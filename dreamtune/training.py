@@ -45,7 +45,7 @@ class RunResult:
     artifact_dir: Path
     global_step: int
     losses: list[float] = field(default_factory=list)
-    #: The trained pipeline, still in memory (on the main process).
+    #: The trained pipeline, still in memory.
     pipeline: object = field(default=None, repr=False)
 
 
