@@ -63,7 +63,7 @@ def test_resume_equals_uninterrupted(make_config, tmp_path, monkeypatch):
     real_save = training.save_checkpoint
 
     def save_then_die(*args, **kwargs):
-        path = real_save(*args, **kwargs)
+        real_save(*args, **kwargs)
         raise KeyboardInterrupt  # the process dies right after checkpoint-2 is on disk
 
     monkeypatch.setattr(training, "save_checkpoint", save_then_die)
