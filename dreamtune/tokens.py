@@ -20,8 +20,9 @@ import torch
 from .errors import ConfigError
 
 # A new token is written <name>: no spaces (the tokenizer would split it) and no path characters,
-# because diffusers' convention names the embedding file after the token.
-NEW_TOKEN_RE = re.compile(r"^<[^<>\s/\\]+>$")
+# because diffusers' convention names the embedding file after the token. A multi-vector token's
+# extra vectors are <name>_1, <name>_2, ... as diffusers' load_textual_inversion names them.
+NEW_TOKEN_RE = re.compile(r"^<[^<>\s/\\]+>(_\d+)?$")
 
 
 def is_new_token(identifier: str) -> bool:
