@@ -1,0 +1,436 @@
+"""Pretrain the shapes world's base model with the real Stable Diffusion component classes.
+
+Two phases, each resumable from atomic safetensors checkpoints:
+1. the VAE (AutoencoderKL, 32 px -> 16x16x4 latents) on world images, patterned ones included so it
+   can reconstruct the subjects' patterns later;
+2. the UNet (UNet2DConditionModel) and the CLIP text encoder jointly on plain world images and
+   prompt-style captions: v-prediction, a cosine ("squaredcos_cap_v2") schedule, Min-SNR weighting,
+   10% caption dropout (for classifier-free guidance) and an EMA of the weights.
+
+The result is a diffusers `StableDiffusionPipeline` folder (`<output_dir>/pipeline`) that
+`StableDiffusionPipeline.from_pretrained` loads, with a DDIM scheduler set for 25-step sampling.
+Every batch and every noise draw is a function of (seed, step), so a resumed run matches an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..assets import CLIP_TOKENIZER_DIR
+from ..errors import DreamtuneError
+from ..io import atomic_dir, save_safetensors, write_json
+from . import render
+
+
+@dataclass
+class PretrainSettings:
+    """Sizes and hyper-parameters of the base model and its training (saved with every checkpoint)."""
+
+    seed: int = 0
+    vae_steps: int = 600
+    unet_steps: int = 3000
+    batch_size: int = 32
+    vae_batch_size: int = 16
+    vae_learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1
+    vae_patterned_share: float = 0.4
+    ema_decay: float = 0.999
+    snr_gamma: float = 5.0
+    checkpoint_every: int = 250
+    text_hidden_size: int = 96
+    text_layers: int = 4
+    unet_channels: tuple = (64, 128, 128)
+
+
+def build_components(settings: PretrainSettings) -> dict:
+    """Freshly initialised VAE, text encoder, tokenizer, UNet and training scheduler of the base model."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(settings.seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=render.RESOLUTION,
+    )
+    hidden = settings.text_hidden_size
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=hidden,
+            intermediate_size=hidden * 4,
+            num_hidden_layers=settings.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=hidden,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR, local_files_only=True)
+    channels = tuple(settings.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=render.RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=channels,
+        layers_per_block=1,
+        # Attention only at 8x8 and 4x4: at 16x16 it costs most of the step and adds little here.
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=hidden,
+        attention_head_dim=4,
+        norm_num_groups=32,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        clip_sample=False,
+    )
+    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
+
+
+def sampling_scheduler():
+    """The scheduler shipped with the model: DDIM, "trailing" spacing, v-prediction, for 25 steps."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=0,
+        timestep_spacing="trailing",
+    )
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            tensors[f"{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+class _Stopwatch:
+    def __init__(self, minutes: float | None):
+        self.deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+def _save_checkpoint(folder: Path, phase: str, step: int, tensors: dict[str, dict], settings, extra=None) -> None:
+    with atomic_dir(folder / f"{phase}") as tmp:
+        for name, group in tensors.items():
+            save_safetensors(group, tmp / f"{name}.safetensors")
+        write_json(tmp / "state.json", {"phase": phase, "step": step, "settings": asdict(settings), **(extra or {})})
+
+
+def _read_checkpoint(folder: Path) -> tuple[dict, dict[str, dict]] | None:
+    from safetensors.torch import load_file
+
+    state_file = folder / "state.json"
+    if not state_file.exists():
+        return None
+    state = json.loads(state_file.read_text())
+    tensors = {p.stem: load_file(str(p)) for p in folder.glob("*.safetensors")}
+    return state, tensors
+
+
+def train_vae(components: dict, settings: PretrainSettings, run_dir: Path, *, resume: bool, progress: bool,
+              stopwatch: _Stopwatch, log) -> bool:
+    """Phase 1: the autoencoder. Returns True when all its steps are done."""
+    vae = components["vae"]
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_learning_rate, weight_decay=0.0)
+    folder = run_dir / "checkpoints" / "vae"
+    start = 0
+    found = _read_checkpoint(folder) if resume else None
+    if found:
+        state, tensors = found
+        vae.load_state_dict(tensors["vae"])
+        _load_optimizer(optimizer, tensors["optimizer"], state["optimizer"])
+        start = state["step"]
+    if start >= settings.vae_steps:
+        return True
+    vae.train()
+    bar = _progress(settings.vae_steps, start, "vae", progress)
+    step = start
+    while step < settings.vae_steps:
+        images, _, _ = render.training_batch(settings.seed + 1000, step, settings.vae_batch_size,
+                                             settings.vae_patterned_share)
+        pixels = _to_tensor(images)
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(latents).sample
+        mse = torch.nn.functional.mse_loss(recon, pixels)
+        loss = mse + torch.nn.functional.l1_loss(recon, pixels) * 0.5 + 1e-6 * posterior.kl().mean()
+        # Cosine decay to 10%: the VAE settles faster and sharper than at a constant rate.
+        lr = settings.vae_learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / settings.vae_steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+        if step % 50 == 0:
+            log(f"vae step {step} mse {mse.item():.5f}")
+        last = step == settings.vae_steps
+        if last or step % settings.checkpoint_every == 0 or stopwatch.expired():
+            opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+            _save_checkpoint(run_dir / "checkpoints", "vae", step,
+                             {"vae": vae.state_dict(), "optimizer": opt_tensors}, settings,
+                             {"optimizer": opt_meta})
+            if stopwatch.expired() and not last:
+                bar.close()
+                return False
+    bar.close()
+    return True
+
+
+@torch.no_grad()
+def _latent_scale(vae, settings: PretrainSettings) -> float:
+    images, _, _ = render.training_batch(settings.seed + 2000, 0, 256)
+    latents = vae.encode(_to_tensor(images)).latent_dist.mean
+    return float(1.0 / latents.std())
+
+
+def _encode_prompts(components: dict, captions: list[str]) -> torch.Tensor:
+    tokens = components["tokenizer"](captions, padding="max_length", max_length=components["tokenizer"].model_max_length,
+                                     truncation=True, return_tensors="pt")
+    return components["text_encoder"](tokens.input_ids)[0]
+
+
+def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, resume: bool, progress: bool,
+               stopwatch: _Stopwatch, log) -> tuple[bool, dict]:
+    """Phase 2: UNet and text encoder jointly on the VAE's latents. Returns (done, EMA weights)."""
+    unet, text_encoder, vae, scheduler = (components[k] for k in ("unet", "text_encoder", "vae", "scheduler"))
+    vae.eval().requires_grad_(False)
+    scale = vae.config.scaling_factor
+    params = {f"unet.{k}": p for k, p in unet.named_parameters()}
+    params.update({f"text_encoder.{k}": p for k, p in text_encoder.named_parameters()})
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(unet.parameters()), "weight_decay": 1e-2},
+            # No decay on the text encoder: it would shrink the embeddings of words never seen in
+            # training (rare identifiers such as "sks") towards zero.
+            {"params": list(text_encoder.parameters()), "weight_decay": 0.0},
+        ],
+        lr=settings.learning_rate,
+    )
+    ema = {k: p.detach().clone() for k, p in params.items()}
+    folder = run_dir / "checkpoints" / "unet"
+    start = 0
+    found = _read_checkpoint(folder) if resume else None
+    if found:
+        state, tensors = found
+        unet.load_state_dict(tensors["unet"])
+        text_encoder.load_state_dict(tensors["text_encoder"])
+        ema = tensors["ema"]
+        _load_optimizer(optimizer, tensors["optimizer"], state["optimizer"])
+        start = state["step"]
+    if start >= settings.unet_steps:
+        return True, ema
+    unet.train()
+    text_encoder.train()
+    alphas_cumprod = scheduler.alphas_cumprod
+    snr_all = alphas_cumprod / (1 - alphas_cumprod)
+    bar = _progress(settings.unet_steps, start, "unet", progress)
+    step = start
+    losses: list[float] = []
+    while step < settings.unet_steps:
+        images, captions, _ = render.training_batch(settings.seed, step, settings.batch_size)
+        rng = np.random.default_rng([settings.seed, step, 7])
+        captions = ["" if rng.random() < settings.caption_dropout else c for c in captions]
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+        with torch.no_grad():
+            posterior = vae.encode(_to_tensor(images)).latent_dist
+            latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)) * scale
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = scheduler.get_velocity(latents, noise, timesteps)
+        hidden = _encode_prompts(components, captions)
+        pred = unet(noisy, timesteps, hidden).sample
+        # Min-SNR-gamma weighting for v-prediction: weight = min(snr, gamma) / (snr + 1).
+        snr = snr_all[timesteps]
+        weight = torch.clamp(snr, max=settings.snr_gamma) / (snr + 1)
+        per_sample = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+        loss = (per_sample * weight).mean()
+        lr = settings.learning_rate * min(1.0, (step + 1) / settings.warmup_steps)
+        # Cosine decay over the last half of the run sharpens the final model.
+        half = settings.unet_steps / 2
+        if step > half:
+            lr *= 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (step - half) / half))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        optimizer.step()
+        decay = min(settings.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, p in params.items():
+                ema[k].lerp_(p.detach(), 1 - decay)
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if step % 50 == 0:
+            log(f"unet step {step} loss {np.mean(losses[-50:]):.5f} lr {lr:.2e}")
+        last = step == settings.unet_steps
+        if last or step % settings.checkpoint_every == 0 or stopwatch.expired():
+            opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+            _save_checkpoint(
+                run_dir / "checkpoints", "unet", step,
+                {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "ema": ema,
+                 "optimizer": opt_tensors},
+                settings, {"optimizer": opt_meta},
+            )
+            if stopwatch.expired() and not last:
+                bar.close()
+                return False, ema
+    bar.close()
+    return True, ema
+
+
+def export_pipeline(components: dict, ema: dict | None, destination: str | Path, *, fp16: bool = True) -> Path:
+    """Write the base model as a diffusers StableDiffusionPipeline folder (EMA weights, safetensors)."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    unet = copy.deepcopy(components["unet"])
+    text_encoder = copy.deepcopy(components["text_encoder"])
+    if ema:
+        unet.load_state_dict({k[len("unet."):]: v for k, v in ema.items() if k.startswith("unet.")}, strict=False)
+        text_encoder.load_state_dict(
+            {k[len("text_encoder."):]: v for k, v in ema.items() if k.startswith("text_encoder.")}, strict=False
+        )
+    vae = copy.deepcopy(components["vae"])
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=components["tokenizer"], unet=unet,
+        scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if fp16:
+        for module in (vae, text_encoder, unet):
+            module.to(torch.float16)
+    destination = Path(destination)
+    with atomic_dir(destination) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if fp16:
+            # Half-precision files, full-precision model: transformers loads a text encoder in the
+            # dtype its config names, and diffusers' parts load as float32, so the config says float32.
+            config_file = tmp / "text_encoder" / "config.json"
+            config = json.loads(config_file.read_text())
+            config["dtype"] = "float32"
+            write_json(config_file, config)
+    return destination
+
+
+def pretrain(
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    vae_steps: int | None = None,
+    unet_steps: int | None = None,
+    minutes: float | None = None,
+    resume: bool = True,
+    batch_size: int | None = None,
+    progress: bool = True,
+    fp16: bool = True,
+    threads: int | None = None,
+) -> Path:
+    """Train the shapes world's base model into `<output_dir>/pipeline` and return that folder.
+
+    Phases run in order (VAE, then UNet + text encoder); with `resume` (the default) a run picks up
+    from `<output_dir>/checkpoints`. `minutes` stops early (after a checkpoint) once that much wall
+    time has passed; call again to go on. The settings of a resumed run must match the first.
+    A log of losses goes to `<output_dir>/pretrain.log`.
+    """
+    settings = PretrainSettings(seed=seed)
+    if vae_steps is not None:
+        settings.vae_steps = vae_steps
+    if unet_steps is not None:
+        settings.unet_steps = unet_steps
+    if batch_size is not None:
+        settings.batch_size = batch_size
+    for name in ("vae_steps", "unet_steps", "batch_size"):
+        if getattr(settings, name) < 1:
+            raise DreamtuneError(f"pretrain: {name} must be at least 1, got {getattr(settings, name)}")
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_file = run_dir / "pretrain.log"
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        with open(log_file, "a", encoding="utf-8") as fh:
+            fh.write(f"[{time.monotonic() - started:7.1f}s] {message}\n")
+
+    for phase in ("vae", "unet"):
+        previous = run_dir / "checkpoints" / phase / "state.json"
+        if resume and previous.exists():
+            saved = json.loads(previous.read_text())["settings"]
+            for key in ("seed", "batch_size", "vae_batch_size", "text_hidden_size", "text_layers"):
+                if saved[key] != getattr(settings, key):
+                    raise DreamtuneError(
+                        f"{previous}: saved {key}={saved[key]} differs from {getattr(settings, key)}; "
+                        "use the same settings to resume, or resume=False with a fresh output_dir"
+                    )
+    log(f"pretrain settings {asdict(settings)}")
+    components = build_components(settings)
+    stopwatch = _Stopwatch(minutes)
+    if not train_vae(components, settings, run_dir, resume=resume, progress=progress, stopwatch=stopwatch, log=log):
+        log("stopped in the vae phase (time limit); resume to go on")
+        return run_dir / "pipeline"
+    components["vae"].register_to_config(scaling_factor=_latent_scale(components["vae"], settings))
+    done, ema = train_unet(components, settings, run_dir, resume=resume, progress=progress,
+                           stopwatch=stopwatch, log=log)
+    destination = export_pipeline(components, ema, run_dir / "pipeline", fp16=fp16)
+    log(f"{'finished' if done else 'stopped (time limit)'}; pipeline written to {destination}")
+    return destination

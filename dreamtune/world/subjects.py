@@ -1,0 +1,168 @@
+"""Subjects the base model never saw, and DreamBench-style prompts for them.
+
+A subject is a distinct instance of a known class: a star with blue and white stripes, a triangle
+with a yellow band. The base model was trained on plain objects only, so words alone cannot produce
+it. Each subject has 5 reference images that vary in position, size and background, the way
+DreamBench's photos of one subject do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DreamtuneError
+from ..io import save_image
+from . import render
+from .render import COLOURS, Scene, describe
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A named subject: a class, a two-colour pattern, and how to draw its reference images."""
+
+    name: str
+    cls: str
+    pattern: str
+    colour: str
+    colour2: str
+    description: str
+    num_references: int = 5
+
+    @property
+    def class_noun(self) -> str:
+        """The subject's class word, e.g. "star"."""
+        return self.cls
+
+    def backgrounds(self) -> tuple[str, ...]:
+        """Background colours that leave both of the subject's colours visible."""
+        return tuple(c for c in COLOURS if c not in (self.colour, self.colour2))
+
+    def scene(self, background: str, size: str = "large", position: str = "center", **jitter: float) -> Scene:
+        """The subject drawn on a background, at a size and position."""
+        return Scene(self.cls, self.colour, background, size, position, self.pattern, self.colour2, **jitter)
+
+    def reference_scenes(self) -> list[Scene]:
+        """The subject's reference images: varied positions, sizes and backgrounds, seeded by name."""
+        rng = np.random.default_rng([sum(self.name.encode()), len(self.name)])
+        backgrounds = list(self.backgrounds())
+        rng.shuffle(backgrounds)
+        layout = [("large", "center"), ("medium", "top left"), ("large", "right"), ("medium", "bottom"),
+                  ("medium", "center"), ("large", "left")]
+        scenes = []
+        for i in range(self.num_references):
+            size, position = layout[i % len(layout)]
+            scenes.append(self.scene(
+                backgrounds[i % len(backgrounds)], size, position,
+                jitter_x=float(rng.uniform(-0.7, 0.7)), jitter_y=float(rng.uniform(-0.7, 0.7)),
+                jitter_scale=float(rng.uniform(0.96, 1.04)),
+            ))
+        return scenes
+
+    def reference_images(self, resolution: int = render.RESOLUTION) -> list:
+        """The reference images as PIL images."""
+        return [render.render_pil(s, resolution) for s in self.reference_scenes()]
+
+
+SUBJECTS: dict[str, Subject] = {
+    s.name: s
+    for s in (
+        Subject("striped_star", "star", "stripes", "blue", "white", "a blue star with white stripes"),
+        Subject("banded_triangle", "triangle", "band", "red", "yellow", "a red triangle with a yellow band"),
+        Subject("dashed_ring", "ring", "dashes", "purple", "yellow", "a purple ring with a yellow dashed rim"),
+        Subject("eye_circle", "circle", "spot", "green", "white", "a green circle with a white spot in the middle"),
+        Subject("checker_square", "square", "checker", "orange", "blue", "an orange and blue checkered square"),
+        Subject("split_heart", "heart", "split", "red", "white", "a heart, red on the left and white on the right"),
+        Subject("framed_square", "square", "border", "yellow", "purple", "a yellow square with a purple frame"),
+    )
+}
+
+
+def get_subject(name: str) -> Subject:
+    """The shipped subject of that name; a DreamtuneError lists the names when it is unknown."""
+    try:
+        return SUBJECTS[name]
+    except KeyError:
+        raise DreamtuneError(f"unknown subject {name!r}; choose one of: {', '.join(SUBJECTS)}") from None
+
+
+def write_subject_images(subject: str | Subject, out_dir: str | Path, resolution: int = render.RESOLUTION,
+                         captions: bool = False, identifier: str = "sks") -> list[Path]:
+    """Write a subject's reference images as PNG files (`00.png`, ...) into `out_dir`; return their paths.
+
+    With `captions`, a same-named .txt beside each image holds "a photo of a <identifier> <class>".
+    """
+    subject = get_subject(subject) if isinstance(subject, str) else subject
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DreamtuneError(f"{out} is a file; --out needs a folder")
+    paths = []
+    for i, image in enumerate(subject.reference_images(resolution)):
+        path = out / f"{i:02d}.png"
+        save_image(image, path)
+        if captions:
+            from ..io import write_text
+
+            write_text(path.with_suffix(".txt"), f"a photo of a {identifier} {subject.class_noun}\n")
+        paths.append(path)
+    return paths
+
+
+@dataclass(frozen=True)
+class SubjectPrompt:
+    """One evaluation prompt: a template with {identifier} and {class_noun}, and the attributes it asks for."""
+
+    template: str
+    kind: str  # "recontextualisation", "position", "size" or "property"
+    attributes: dict = field(default_factory=dict)
+
+    def format(self, identifier: str, class_noun: str) -> str:
+        """The prompt text for an identifier and class noun."""
+        return self.template.format(identifier=identifier, class_noun=class_noun)
+
+
+def _template(background=None, size=None, position=None, colour=None, prefix="a photo of ") -> str:
+    # describe() puts words in the same order as the training captions; "{identifier} {class_noun}"
+    # stands where the class word would be.
+    text = describe("{identifier} {class_noun}", colour=colour, background=background, size=size,
+                    position=position, prefix=prefix)
+    # The identifier is not a vowel-initial word, so the article is always "a".
+    return text.replace(" an {identifier}", " a {identifier}")
+
+
+def subject_prompts(subject: str | Subject) -> list[SubjectPrompt]:
+    """DreamBench-style prompts for a subject: backgrounds, positions, sizes and property changes.
+
+    Each carries the ground truth the oracle checks: the background, size, position or colour it
+    asks for (the class is always the subject's).
+    """
+    subject = get_subject(subject) if isinstance(subject, str) else subject
+    prompts = [SubjectPrompt(_template(), "recontextualisation", {})]
+    for background in subject.backgrounds():
+        prompts.append(SubjectPrompt(_template(background=background), "recontextualisation",
+                                     {"background": background}))
+    for position in ("top left", "top right", "bottom left", "bottom right", "left", "right"):
+        prompts.append(SubjectPrompt(_template(position=position), "position", {"position": position}))
+    for size in ("small", "large"):
+        prompts.append(SubjectPrompt(_template(size=size), "size", {"size": size}))
+    backgrounds = subject.backgrounds()
+    for i, position in enumerate(("top left", "bottom right")):
+        background = backgrounds[(i * 2) % len(backgrounds)]
+        prompts.append(SubjectPrompt(_template(background=background, position=position), "recontextualisation",
+                                     {"background": background, "position": position}))
+    others = [c for c in COLOURS if c not in (subject.colour, subject.colour2, "black")]
+    for colour in others[:3]:
+        prompts.append(SubjectPrompt(_template(colour=colour), "property", {"colour": colour}))
+    return prompts
+
+
+def class_prompt(subject: str | Subject) -> str:
+    """The plain class prompt ("a photo of a star") used for prior preservation and for drift."""
+    subject = get_subject(subject) if isinstance(subject, str) else subject
+    return describe(subject.class_noun)
+
+
+__all__ = ["SUBJECTS", "Subject", "SubjectPrompt", "class_prompt", "get_subject", "subject_prompts",
+           "write_subject_images"]
