@@ -99,6 +99,9 @@ def markdown_report(result: dict) -> str:
     if prompts:
         columns = [("prompt", "Prompt")] + [(k, _TITLES[k]) for k in prompt_keys]
         lines += ["## Per prompt", "", markdown_table(prompts, columns), ""]
+    extra = result.get("class_prompt")
+    if extra:
+        lines += [f"Class prompt \"{extra.get('prompt', '')}\": PRES {fmt(extra.get('pres'))}.", ""]
     notes = list(result.get("notes", []))
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
@@ -166,6 +169,11 @@ def html_report(result: dict, out_dir: str | os.PathLike, *, embed_images: bool 
         scored_html = f" <span class='note'>(scored as &ldquo;{esc(scored)}&rdquo;)</span>" if scored and scored != entry.get("prompt") else ""
         parts.append(f"<section><h3>{esc(str(entry.get('prompt', '')))}{scored_html}</h3><p class='scores'>{esc(scores)}</p><div class='grid'>"
                      + "".join(_image_html(p, out_dir, embed_images, thumbnail_size) for p in entry.get("images", [])) + "</div></section>")
+    extra = result.get("class_prompt")
+    if extra:
+        parts.append(f"<section><h3>Class prompt: {esc(str(extra.get('prompt', '')))}</h3><p class='scores'>PRES {fmt(extra.get('pres'))}"
+                     " (DINO similarity of these images to the subject; lower means less drift)</p><div class='grid'>"
+                     + "".join(_image_html(p, out_dir, embed_images, thumbnail_size) for p in extra.get("images", [])) + "</div></section>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
