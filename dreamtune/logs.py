@@ -20,20 +20,22 @@ class MetricsLog:
         if start_step and self.path.is_file():
             with self.path.open(newline="") as f:
                 self.rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f) if float(r["step"]) <= start_step]
-        self._write()
-
-    def _write(self) -> None:
+        # Written whole once (atomically), then appended to a line per logged step.
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=FIELDS)
         writer.writeheader()
         for row in self.rows:
-            writer.writerow({k: (int(v) if k == "step" else f"{v:.6g}") for k, v in row.items()})
+            writer.writerow(self._format(row))
         write_text(self.path, buffer.getvalue())
+
+    @staticmethod
+    def _format(row: dict) -> dict:
+        return {k: (int(v) if k == "step" else f"{v:.6g}") for k, v in row.items()}
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
-        # Rewriting keeps the file whole at every moment; logs are small.
-        self._write()
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=FIELDS).writerow(self._format(row))
 
     def plot(self, path: Path) -> None:
         """Draw the loss (and its moving average) against the step into a PNG."""
