@@ -46,7 +46,7 @@ class PretrainSettings:
     vae_patterned_share: float = 0.4
     ema_decay: float = 0.999
     snr_gamma: float = 5.0
-    checkpoint_every: int = 250
+    checkpoint_every: int = 100
     text_hidden_size: int = 96
     text_layers: int = 4
     unet_channels: tuple = (64, 128, 128)
@@ -151,10 +151,17 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 
 
 class _Stopwatch:
-    def __init__(self, minutes: float | None):
+    def __init__(self, minutes: float | None, steps: int | None = None):
         self.deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
+        self.steps_left = steps
+
+    def tick(self) -> None:
+        if self.steps_left is not None:
+            self.steps_left -= 1
 
     def expired(self) -> bool:
+        if self.steps_left is not None and self.steps_left <= 0:
+            return True
         return self.deadline is not None and time.monotonic() > self.deadline
 
 
@@ -213,6 +220,7 @@ def train_vae(components: dict, settings: PretrainSettings, run_dir: Path, *, re
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         step += 1
+        stopwatch.tick()
         bar.update(1)
         bar.set_postfix(mse=f"{mse.item():.4f}")
         if step % 50 == 0:
@@ -273,6 +281,8 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
         start = state["step"]
     if start >= settings.unet_steps:
         return True, ema
+    if stopwatch.expired():
+        return False, ema
     unet.train()
     text_encoder.train()
     alphas_cumprod = scheduler.alphas_cumprod
@@ -315,6 +325,7 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
             for k, p in params.items():
                 ema[k].lerp_(p.detach(), 1 - decay)
         step += 1
+        stopwatch.tick()
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
@@ -334,6 +345,17 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
                 return False, ema
     bar.close()
     return True, ema
+
+
+def _use_refined_decoder(vae, run_dir: Path) -> None:
+    # The encoder (and so the latent scale) is the VAE phase's; only decoder weights are taken.
+    from safetensors.torch import load_file
+
+    refined = run_dir / "checkpoints" / "decoder" / "vae.safetensors"
+    if refined.exists():
+        state = load_file(str(refined))
+        vae.load_state_dict({k: v for k, v in state.items() if k.startswith(("decoder.", "post_quant_conv."))},
+                            strict=False)
 
 
 def export_pipeline(components: dict, ema: dict | None, destination: str | Path, *, fp16: bool = True) -> Path:
@@ -380,15 +402,17 @@ def pretrain(
     minutes: float | None = None,
     resume: bool = True,
     batch_size: int | None = None,
+    learning_rate: float | None = None,
     progress: bool = True,
     fp16: bool = True,
     threads: int | None = None,
+    stop_after_steps: int | None = None,
 ) -> Path:
     """Train the shapes world's base model into `<output_dir>/pipeline` and return that folder.
 
     Phases run in order (VAE, then UNet + text encoder); with `resume` (the default) a run picks up
     from `<output_dir>/checkpoints`. `minutes` stops early (after a checkpoint) once that much wall
-    time has passed; call again to go on. The settings of a resumed run must match the first.
+    time has passed, `stop_after_steps` after that many steps; call again to go on. The settings of a resumed run must match the first.
     A log of losses goes to `<output_dir>/pretrain.log`.
     """
     settings = PretrainSettings(seed=seed)
@@ -398,6 +422,8 @@ def pretrain(
         settings.unet_steps = unet_steps
     if batch_size is not None:
         settings.batch_size = batch_size
+    if learning_rate is not None:
+        settings.learning_rate = learning_rate
     for name in ("vae_steps", "unet_steps", "batch_size"):
         if getattr(settings, name) < 1:
             raise DreamtuneError(f"pretrain: {name} must be at least 1, got {getattr(settings, name)}")
@@ -424,13 +450,109 @@ def pretrain(
                     )
     log(f"pretrain settings {asdict(settings)}")
     components = build_components(settings)
-    stopwatch = _Stopwatch(minutes)
+    stopwatch = _Stopwatch(minutes, stop_after_steps)
     if not train_vae(components, settings, run_dir, resume=resume, progress=progress, stopwatch=stopwatch, log=log):
         log("stopped in the vae phase (time limit); resume to go on")
         return run_dir / "pipeline"
     components["vae"].register_to_config(scaling_factor=_latent_scale(components["vae"], settings))
     done, ema = train_unet(components, settings, run_dir, resume=resume, progress=progress,
                            stopwatch=stopwatch, log=log)
+    if not done:
+        log("stopped in the unet phase; resume to go on")
+    _use_refined_decoder(components["vae"], run_dir)
     destination = export_pipeline(components, ema, run_dir / "pipeline", fp16=fp16)
     log(f"{'finished' if done else 'stopped (time limit)'}; pipeline written to {destination}")
     return destination
+
+
+def refine_decoder(run_dir: str | Path, *, steps: int = 1500, batch_size: int = 16, learning_rate: float = 5e-4,
+                   resume: bool = True, progress: bool = True, threads: int | None = None,
+                   stop_after_steps: int | None = None) -> Path:
+    """Phase 3: train the VAE's decoder further with its encoder frozen; returns the decoder checkpoint folder.
+
+    The latents do not change, so this can run beside (or after) the UNet phase, and the UNet stays
+    valid: it is how Stable Diffusion's own VAE decoder was sharpened. `export_checkpoint` and
+    `pretrain` use the refined decoder when its checkpoint exists.
+    """
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    vae_dir = run_dir / "checkpoints" / "vae"
+    if not (vae_dir / "state.json").exists():
+        raise DreamtuneError(f"{run_dir}: the VAE phase has no checkpoint yet; run pretrain first")
+    if threads:
+        torch.set_num_threads(threads)
+    saved = json.loads((vae_dir / "state.json").read_text())["settings"]
+    settings = PretrainSettings(**{k: tuple(v) if k == "unet_channels" else v for k, v in saved.items()})
+    vae = build_components(settings)["vae"]
+    vae.load_state_dict(load_file(str(vae_dir / "vae.safetensors")))
+    vae.requires_grad_(False)
+    decoder_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in decoder_params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(decoder_params, lr=learning_rate, weight_decay=0.0)
+    folder = run_dir / "checkpoints" / "decoder"
+    start = 0
+    found = _read_checkpoint(folder) if resume else None
+    if found:
+        state, tensors = found
+        vae.load_state_dict(tensors["vae"])
+        _load_optimizer(optimizer, tensors["optimizer"], state["optimizer"])
+        start = state["step"]
+    stopwatch = _Stopwatch(None, stop_after_steps)
+    bar = _progress(steps, start, "decoder", progress)
+    step = start
+    while step < steps:
+        images, _, _ = render.training_batch(settings.seed + 3000, step, batch_size, settings.vae_patterned_share)
+        pixels = _to_tensor(images)
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + 77 + step)
+        with torch.no_grad():
+            posterior = vae.encode(pixels).latent_dist
+            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(latents).sample
+        mse = torch.nn.functional.mse_loss(recon, pixels)
+        loss = mse + 0.5 * torch.nn.functional.l1_loss(recon, pixels)
+        lr = learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder_params, 1.0)
+        optimizer.step()
+        step += 1
+        stopwatch.tick()
+        bar.update(1)
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+        if step == steps or step % 100 == 0 or stopwatch.expired():
+            opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+            _save_checkpoint(run_dir / "checkpoints", "decoder", step,
+                             {"vae": vae.state_dict(), "optimizer": opt_tensors}, settings,
+                             {"optimizer": opt_meta, "mse": mse.item()})
+            if stopwatch.expired():
+                break
+    bar.close()
+    return folder
+
+
+def export_checkpoint(run_dir: str | Path, destination: str | Path, *, fp16: bool = True) -> Path:
+    """Write a pipeline folder from a pretraining run's latest checkpoints (EMA weights), mid-run or not.
+
+    Lets one look at (or measure) a model while its pretraining is still going on.
+    """
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    vae_state = run_dir / "checkpoints" / "vae" / "state.json"
+    unet_dir = run_dir / "checkpoints" / "unet"
+    if not vae_state.exists() or not (unet_dir / "state.json").exists():
+        raise DreamtuneError(f"{run_dir}: no finished VAE phase and UNet checkpoint to export yet")
+    saved = json.loads(vae_state.read_text())["settings"]
+    settings = PretrainSettings(**{k: tuple(v) if k == "unet_channels" else v for k, v in saved.items()})
+    components = build_components(settings)
+    components["vae"].load_state_dict(load_file(str(run_dir / "checkpoints" / "vae" / "vae.safetensors")))
+    components["vae"].register_to_config(scaling_factor=_latent_scale(components["vae"], settings))
+    _use_refined_decoder(components["vae"], run_dir)
+    components["unet"].load_state_dict(load_file(str(unet_dir / "unet.safetensors")))
+    components["text_encoder"].load_state_dict(load_file(str(unet_dir / "text_encoder.safetensors")))
+    ema = load_file(str(unet_dir / "ema.safetensors"))
+    return export_pipeline(components, ema, destination, fp16=fp16)

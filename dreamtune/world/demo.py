@@ -1,0 +1,257 @@
+"""`dreamtune demo`: teach the shipped shapes-world model one subject and measure it with the oracle.
+
+The journey a user takes with their own photos, on the world where an exact oracle can score it:
+write a subject's 5 reference images, train DreamBooth with prior preservation (and Custom Diffusion
+beside it), sample the subject's DreamBench-style prompts with the base model and each personalized
+one, and compare subject fidelity, prompt fidelity and language drift. Writes `grid.png`,
+`report.html` and `metrics.json` into the output folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DreamtuneError
+from ..io import save_image, write_json, write_text
+from . import MODEL_DIR, oracle
+from .quality import DEFAULT_GUIDANCE
+from .subjects import Subject, class_prompt, get_subject, subject_prompts, write_subject_images
+
+SAMPLING_STEPS = 25
+IMAGES_PER_PROMPT = 2
+CLASS_IMAGES_FOR_DRIFT = 12
+
+# Demo settings per method: tuned on the shipped model so a run fits in a few minutes on 2 CPU cores.
+METHOD_SETTINGS = {
+    "dreambooth": {"identifier": "sks", "max_train_steps": 300, "learning_rate": 1e-4, "train_batch_size": 2},
+    "custom_diffusion": {"identifier": "<new1>", "max_train_steps": 300, "learning_rate": 1e-3,
+                         "train_batch_size": 2, "scale_lr": False},
+}
+
+
+@dataclass
+class ModelScores:
+    """The oracle's verdict on one model for one subject."""
+
+    name: str
+    subject_fidelity: float
+    prompt_fidelity: float
+    language_drift: float
+    class_diversity: float
+    train_seconds: float = 0.0
+
+
+def available_methods() -> list[str]:
+    """The demo methods this installation of dreamtune provides."""
+    from ..methods import METHODS, get_method
+
+    found = []
+    for name in METHOD_SETTINGS:
+        if name in METHODS:
+            try:
+                get_method(name)
+            except DreamtuneError:
+                continue
+            found.append(name)
+    return found
+
+
+def _methods(method: str) -> list[str]:
+    available = available_methods()
+    if method == "all":
+        return available
+    wanted = [m.strip() for m in method.split(",") if m.strip()]
+    for name in wanted:
+        if name not in available:
+            raise DreamtuneError(f"--method: '{name}' is not available for the demo; choose from "
+                                 f"{', '.join(available)} or 'all'")
+    return wanted
+
+
+def train_config(subject: Subject, method: str, instance_dir: Path, class_dir: Path, output_dir: Path, *,
+                 steps: int | None, seed: int, with_prior_preservation: bool = True, num_class_images: int = 40):
+    """The TrainConfig the demo uses for a method on a subject (the shipped base model, 32 px)."""
+    from ..config import ConceptConfig, TrainConfig
+
+    settings = dict(METHOD_SETTINGS[method])
+    identifier = settings.pop("identifier")
+    if steps is not None:
+        settings["max_train_steps"] = steps
+    concept = ConceptConfig(
+        instance_data_dir=str(instance_dir),
+        identifier=identifier,
+        class_noun=subject.class_noun,
+        instance_prompt="a photo of a {identifier} {class_noun}",
+        class_prompt="a photo of a {class_noun}",
+        class_data_dir=str(class_dir),
+        initializer_token=subject.class_noun,
+    )
+    return TrainConfig(
+        pretrained_model_name_or_path=str(MODEL_DIR),
+        method=method,
+        output_dir=str(output_dir),
+        seed=seed,
+        resolution=32,
+        with_prior_preservation=with_prior_preservation,
+        num_class_images=num_class_images,
+        sample_batch_size=20,
+        class_generation_steps=SAMPLING_STEPS,
+        class_generation_guidance=DEFAULT_GUIDANCE,
+        checkpointing_steps=0,
+        validation_steps=0,
+        num_validation_images=1,
+        validation_guidance_scale=DEFAULT_GUIDANCE,
+        validation_inference_steps=SAMPLING_STEPS,
+        concepts=[concept],
+        **settings,
+    )
+
+
+def score_model(name: str, pipe, subject: Subject, identifier: str, *, seed: int,
+                images_per_prompt: int = IMAGES_PER_PROMPT, progress: bool = False) -> tuple[ModelScores, dict]:
+    """Sample a subject's prompts and its plain class prompt with a pipeline and score them with the oracle."""
+    from ..pipeline import sample
+
+    references = [oracle.read(image) for image in subject.reference_images()]
+    prompts = subject_prompts(subject)
+    texts = [p.format(identifier, subject.class_noun) for p in prompts]
+    images = sample(pipe, texts, num_images=images_per_prompt, seed=seed, steps=SAMPLING_STEPS,
+                    guidance=DEFAULT_GUIDANCE, batch_size=32, height=32, width=32, progress=progress)
+    readings = oracle.read_all(images)
+    wanted = [{"class": subject.cls, **p.attributes} for p in prompts for _ in range(images_per_prompt)]
+    class_images = sample(pipe, [class_prompt(subject)], num_images=CLASS_IMAGES_FOR_DRIFT, seed=seed + 1000,
+                          steps=SAMPLING_STEPS, guidance=DEFAULT_GUIDANCE, batch_size=32, height=32, width=32)
+    class_readings = oracle.read_all(class_images)
+    scores = ModelScores(
+        name=name,
+        subject_fidelity=oracle.subject_fidelity(readings, references),
+        prompt_fidelity=oracle.prompt_fidelity(readings, wanted),
+        language_drift=oracle.language_drift(class_readings, references),
+        class_diversity=oracle.diversity(class_readings),
+    )
+    return scores, {"texts": texts, "images": images, "class_images": class_images}
+
+
+def format_table(rows: list[ModelScores]) -> str:
+    """The demo's metrics as a plain-text table."""
+    lines = [f"{'model':<18} {'subject fid.':>12} {'prompt fid.':>11} {'drift':>6} {'class div.':>10} {'train s':>8}",
+             "-" * 70]
+    for r in rows:
+        lines.append(f"{r.name:<18} {r.subject_fidelity:>12.2f} {r.prompt_fidelity:>11.2f} {r.language_drift:>6.2f} "
+                     f"{r.class_diversity:>10.2f} {r.train_seconds:>8.0f}")
+    return "\n".join(lines)
+
+
+def _grid(rows: list[tuple[str, list]], columns: list[str], cell: int = 96):
+    from PIL import Image, ImageDraw
+
+    label_w, head_h = 130, 16
+    width = label_w + cell * max(len(images) for _, images in rows)
+    grid = Image.new("RGB", (width, head_h + cell * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, text in enumerate(columns):
+        draw.text((label_w + c * cell + 2, 2), text[:16], fill="black")
+    for r, (name, images) in enumerate(rows):
+        draw.text((4, head_h + r * cell + cell // 2 - 6), name, fill="black")
+        for c, image in enumerate(images):
+            grid.paste(image.resize((cell, cell), Image.NEAREST), (label_w + c * cell, head_h + r * cell))
+    return grid
+
+
+def _html(subject: Subject, rows: list[ModelScores], grid, references_grid) -> str:
+    def embed(image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    head = "".join(f"<th>{h}</th>" for h in ("model", "subject fidelity", "prompt fidelity", "language drift",
+                                              "class diversity", "train seconds"))
+    body = "".join(
+        f"<tr><td>{html.escape(r.name)}</td><td>{r.subject_fidelity:.2f}</td><td>{r.prompt_fidelity:.2f}</td>"
+        f"<td>{r.language_drift:.2f}</td><td>{r.class_diversity:.2f}</td><td>{r.train_seconds:.0f}</td></tr>"
+        for r in rows)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>dreamtune demo: {html.escape(subject.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+img{{image-rendering:pixelated}}</style></head><body>
+<h1>dreamtune demo: {html.escape(subject.description)}</h1>
+<p>Subject <b>{html.escape(subject.name)}</b> (class "{html.escape(subject.class_noun)}"), reference images:</p>
+<img src="{embed(references_grid)}">
+<h2>Oracle metrics</h2>
+<table><tr>{head}</tr>{body}</table>
+<p>Subject fidelity: class, pattern and colours of the generated images against the references (0-1).
+Prompt fidelity: share of the prompted attributes (class, background, position, size, colour) honoured.
+Language drift: share of images of "{html.escape(class_prompt(subject))}" that show the subject's pattern.
+Class diversity: chance that two of those images differ in an attribute.</p>
+<h2>Samples</h2><img src="{embed(grid)}">
+</body></html>
+"""
+
+
+def run_demo(subject: str = "striped_star", method: str = "all", steps: int | None = None,
+             output_dir: str | Path = "dreamtune-demo", overwrite: bool = False, seed: int = 0,
+             progress: bool = True, quiet: bool = False) -> list[ModelScores]:
+    """Personalize the shipped model on a shipped subject with each method; print and write the comparison.
+
+    Returns one `ModelScores` per model (the base model first). Refuses a non-empty `output_dir`
+    unless `overwrite`.
+    """
+    from ..pipeline import load_pipeline
+    from ..training import train
+
+    if not (MODEL_DIR / "model_index.json").exists():
+        raise DreamtuneError(f"{MODEL_DIR}: the shapes-world model is missing from this installation")
+    chosen = get_subject(subject)
+    methods = _methods(method)
+    out = Path(output_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise DreamtuneError(f"--output-dir {out} is not empty: pass --overwrite to replace it")
+        shutil.rmtree(out)
+    say = (lambda *a: None) if quiet else print
+    started = time.monotonic()
+    instance_dir = out / "subject"
+    write_subject_images(chosen, instance_dir)
+    say(f"subject {chosen.name}: {chosen.description}; {len(chosen.reference_scenes())} images in {instance_dir}")
+
+    rows: list[ModelScores] = []
+    samples: dict[str, dict] = {}
+    base = load_pipeline(str(MODEL_DIR))
+    scores, samples["base model"] = score_model("base model", base, chosen, "sks", seed=seed, progress=progress)
+    rows.append(scores)
+    del base
+    for name in methods:
+        config = train_config(chosen, name, instance_dir, out / "class_images", out / name, steps=steps, seed=seed)
+        t0 = time.monotonic()
+        result = train(config, overwrite=True, progress=progress)
+        seconds = time.monotonic() - t0
+        pipe = load_pipeline(str(MODEL_DIR), result.artifact_dir)
+        identifier = config.concepts[0].identifier
+        scores, samples[name] = score_model(name, pipe, chosen, identifier, seed=seed, progress=progress)
+        scores.train_seconds = seconds
+        rows.append(scores)
+        del pipe, result
+
+    # Grid: one row per model, the first image of a spread of prompts, then two plain-class images.
+    picks = [0, 1, 3, 8, 12, 14, 16, len(samples["base model"]["texts"]) - 1]
+    columns = [samples["base model"]["texts"][i].removeprefix("a photo of ") for i in picks] + ["class", "class"]
+    grid_rows = []
+    for name, data in samples.items():
+        images = [data["images"][i * IMAGES_PER_PROMPT] for i in picks] + data["class_images"][:2]
+        grid_rows.append((name, images))
+    grid = _grid(grid_rows, columns)
+    references_grid = _grid([("references", chosen.reference_images())], [""] * len(chosen.reference_scenes()))
+    save_image(grid, out / "grid.png")
+    write_text(out / "report.html", _html(chosen, rows, grid, references_grid))
+    write_json(out / "metrics.json", {"subject": chosen.name, "seconds": time.monotonic() - started,
+                                      "models": [vars(r) for r in rows]})
+    say("")
+    say(format_table(rows))
+    say(f"\ngrid: {out / 'grid.png'}  report: {out / 'report.html'}  ({time.monotonic() - started:.0f} s)")
+    return rows

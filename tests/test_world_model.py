@@ -1,0 +1,81 @@
+"""The shipped shapes-world base model: loads with diffusers, its VAE keeps what the oracle reads, it renders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dreamtune.world import MODEL_DIR, oracle, render
+
+pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model_index.json").exists(), reason="shipped model missing")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from dreamtune.world.quality import load_base_pipeline
+
+    torch.set_num_threads(1)
+    return load_base_pipeline()
+
+
+def test_shipped_model_is_a_small_stable_diffusion_pipeline(pipe):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())
+    assert pipe.text_encoder.dtype == torch.float32
+    assert len(pipe.tokenizer) == 49408
+    assert len(pipe.tokenizer("sks").input_ids) == 3  # a rare identifier stays one token
+    size = sum(f.stat().st_size for f in MODEL_DIR.rglob("*") if f.is_file())
+    assert size <= 40 * 2**20
+    scheduler = json.loads((MODEL_DIR / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["timestep_spacing"] == "trailing"
+
+
+@torch.no_grad()
+def test_oracle_reads_images_through_the_shipped_vae(pipe):
+    rng = np.random.default_rng(2)
+    scenes = [render.random_scene(rng, include_held_out=True) for _ in range(96)]
+    subjects_like = []
+    from dreamtune.world.subjects import SUBJECTS
+
+    for subject in SUBJECTS.values():
+        subjects_like += subject.reference_scenes()[:3]
+    scenes += subjects_like
+    pixels = torch.from_numpy(np.stack([render.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    latents = pipe.vae.encode(pixels).latent_dist.mean
+    decoded = pipe.vae.decode(latents).sample
+    images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    hits = total = 0
+    for image, scene in zip(images, scenes):
+        got = oracle.read(image).attributes()
+        for key, value in scene.attributes().items():
+            total += 1
+            hits += got.get(key) == value
+    assert hits / total >= 0.97
+
+
+def test_shipped_model_renders_with_its_scheduler(pipe):
+    out = pipe(["a photo of a red square on a blue background", "a star"], height=32, width=32,
+               num_inference_steps=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert [im.size for im in out.images] == [(32, 32), (32, 32)]
+    arrays = [np.asarray(im) for im in out.images]
+    assert not np.array_equal(arrays[0], arrays[1])
+    assert all(a.std() > 5 for a in arrays)  # not blank
+
+
+def test_quality_measure_runs_on_a_few_samples(pipe):
+    from dreamtune.world.quality import format_quality, measure_quality
+
+    result = measure_quality(pipe=pipe, images_per_prompt=1, steps=4, max_prompts=3, include_seen=False,
+                             progress=False)
+    held = result["held_out"]
+    assert held["samples"] == 3
+    assert all(0.0 <= held[k] <= 1.0 for k in ("class", "colour", "background"))
+    assert "held_out" in format_quality(result)
