@@ -1,0 +1,150 @@
+"""LoRA (Hu et al., 2021) as DreamBooth-LoRA: low-rank adapters on the UNet's attention projections.
+
+The base weights stay frozen; peft injects `B @ A` adapters (rank `lora_rank`, scale
+`lora_alpha / lora_rank`) into the UNet layers named by `lora_target_modules`, and into the text
+encoder's attention projections when `train_text_encoder` is on. Only the adapters train.
+
+The artifact is `pytorch_lora_weights.safetensors` in diffusers' LoRA layout (`unet.*` and
+`text_encoder.*` keys, with peft's adapter config in the `lora_adapter_metadata` header so a
+non-default alpha survives), which `pipe.load_lora_weights(folder)` reads. `dreamtune.kohya`
+exports it with kohya/A1111 key names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..artifacts import safetensors_metadata
+from ..errors import ConfigError, ModelLoadError
+from ..io import save_safetensors
+from .base import Components, Method, trainable_parameters
+
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+#: The header key diffusers reads peft's LoraConfig from (diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY).
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+#: The text encoder's attention projections, as diffusers' DreamBooth-LoRA script adapts them.
+TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+ADAPTER_NAME = "default"
+
+
+def _adaptable(module: torch.nn.Module) -> bool:
+    return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+
+
+def _matches(name: str, target: str) -> bool:
+    # peft's rule for a list of target modules: the whole name, or a suffix after a dot.
+    return name == target or name.endswith("." + target)
+
+
+def lora_target_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the layers of `model` that can take a LoRA adapter (e.g. to_q, to_out.0, proj_in)."""
+    names = set()
+    for name, module in model.named_modules():
+        if _adaptable(module) and name:
+            parts = name.split(".")
+            names.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
+    return sorted(names)
+
+
+def check_target_modules(model: torch.nn.Module, targets: list[str], option: str = "lora_target_modules") -> None:
+    """Raise a ConfigError naming the valid choices when a target matches no Linear/Conv2d layer of `model`.
+
+    A target matches a layer whose dotted path is the target or ends with "." + target, so
+    "to_k" adapts every key projection and "attn2.to_k" only the cross-attention ones.
+    """
+    if not targets:
+        raise ConfigError(f"{option} is empty: name the layers to adapt, e.g. ['to_q', 'to_k', 'to_v', 'to_out.0'].")
+    modules = list(model.named_modules())
+    for target in targets:
+        hits = [m for n, m in modules if _matches(n, target)]
+        if not any(_adaptable(m) for m in hits):
+            what = f"matches only {type(hits[0]).__name__} modules, not Linear/Conv2d layers" if hits else "matches no layer"
+            raise ConfigError(
+                f"{option}: '{target}' {what} of the {type(model).__name__}. Valid names: "
+                f"{', '.join(lora_target_names(model))} (a name may be prefixed to narrow it, e.g. 'attn2.to_k')."
+            )
+
+
+def _adapter_config(config_dict: dict) -> str:
+    # peft configs hold sets (target_modules); JSON wants lists.
+    return json.dumps(config_dict, indent=2, sort_keys=True, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+
+
+class LoRA(Method):
+    """Low-rank adapters on the UNet (and optionally the text encoder); the base model stays bit-identical."""
+
+    name = "lora"
+
+    @property
+    def rank(self) -> int:
+        return self.config.lora_rank
+
+    @property
+    def alpha(self) -> float:
+        """LoRA alpha; 0 in the config means "equal to the rank" (scale 1)."""
+        return self.config.lora_alpha or float(self.config.lora_rank)
+
+    def lora_config(self, target_modules: list[str]):
+        """The peft LoraConfig for one model (Gaussian init of A and zero B, as diffusers' script does)."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.config.lora_dropout,
+                          init_lora_weights="gaussian", target_modules=list(target_modules))
+
+    def prepare(self, components: Components, concepts: list) -> list[dict]:
+        unet, text_encoder = components.unet, components.text_encoder
+        components.vae.requires_grad_(False)
+        unet.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        check_target_modules(unet, list(self.config.lora_target_modules))
+        unet.add_adapter(self.lora_config(self.config.lora_target_modules), adapter_name=ADAPTER_NAME)
+        if self.config.train_text_encoder:
+            text_encoder.add_adapter(self.lora_config(TEXT_ENCODER_TARGET_MODULES), adapter_name=ADAPTER_NAME)
+        self.tokens = sorted({c.config.identifier for c in concepts})
+        return self.param_groups(trainable_parameters(unet).values(), trainable_parameters(text_encoder).values())
+
+    def lora_state_dict(self, components: Components) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The adapters in diffusers' LoRA layout, float32, and the header diffusers reads their config from."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        tensors: dict[str, torch.Tensor] = {}
+        adapter_meta: dict = {}
+        for prefix, model in (("unet", components.unet), ("text_encoder", components.text_encoder)):
+            if ADAPTER_NAME not in (getattr(model, "peft_config", None) or {}):
+                continue
+            state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME))
+            if prefix == "text_encoder" and not hasattr(model, "text_model"):
+                # Newer transformers flatten CLIPTextModel; files on the Hub and older loaders (and
+                # kohya/A1111 names) spell the text encoder's layers with the "text_model." prefix.
+                state = {f"text_model.{k}": v for k, v in state.items()}
+            tensors.update({f"{prefix}.{k}": v.detach().float() for k, v in state.items()})
+            adapter_meta.update({f"{prefix}.{k}": v for k, v in model.peft_config[ADAPTER_NAME].to_dict().items()})
+        return tensors, {"format": "pt", ADAPTER_METADATA_KEY: _adapter_config(adapter_meta)}
+
+    def save_artifact(self, components: Components, folder: Path, meta: dict) -> None:
+        tensors, header = self.lora_state_dict(components)
+        header.update(safetensors_metadata({**meta, "lora_rank": self.rank, "lora_alpha": self.alpha}))
+        save_safetensors(tensors, Path(folder) / LORA_WEIGHTS_FILE, metadata=header)
+
+    @classmethod
+    def apply_artifact(cls, pipe, folder: Path) -> None:
+        """Load the adapters with diffusers' `load_lora_weights`, unfused.
+
+        Unfused, the adapters stay separate from the base weights: the image is exactly the one
+        training rendered, several LoRA artifacts can be stacked (all stay active, weight 1) and
+        `pipe.unload_lora_weights()` restores the base. Call `pipe.fuse_lora()` for a little speed.
+        """
+        path = Path(folder) / LORA_WEIGHTS_FILE
+        if not path.is_file():
+            raise ModelLoadError(f"{folder}: no {LORA_WEIGHTS_FILE} in this LoRA artifact.")
+        before = set(pipe.get_list_adapters().get("unet", [])) | set(pipe.get_list_adapters().get("text_encoder", []))
+        pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_FILE)
+        names = pipe.get_list_adapters()
+        loaded = set(names.get("unet", [])) | set(names.get("text_encoder", []))
+        if before:
+            # diffusers activates only the adapter it loaded last; keep the earlier ones on too.
+            pipe.set_adapters(sorted(loaded))
