@@ -1,0 +1,143 @@
+"""Textual Inversion (Gal et al., ICLR 2023): learn only the embedding of a new word for the subject.
+
+Each concept's identifier (a new token such as `<my-dog>`) gets `num_vectors` embedding vectors,
+named as diffusers names them: `<my-dog>`, `<my-dog>_1`, ... They start from the initializer word's
+embedding (`initializer_token`, else the class noun) and are the only thing that trains: the UNet,
+the VAE, the rest of the text encoder and every other embedding row stay bit-identical, and the
+optimizer holds state for those few rows only (dreamtune.tokens.TrainableTokens).
+
+A prompt names the token once; with several vectors it is expanded to all of them, in training as
+diffusers' `maybe_convert_prompt` expands it at inference.
+
+The artifact holds one file per identifier in diffusers' single-key layout `{token: tensor
+(num_vectors, width)}`: `learned_embeds.safetensors` for one concept (the name diffusers' own script
+writes and `load_textual_inversion(folder)` looks for), `learned_embeds_<name>.safetensors` for each
+of several. That layout also loads in AUTOMATIC1111 (as a "diffusers concept"), which names the
+embedding after the file. diffusers' loader does not read A1111's `emb_params` layout, hence this one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, ModelLoadError
+from ..tokens import TrainableTokens, add_tokens, is_new_token
+from .base import Components, Method
+
+logger = logging.getLogger(__name__)
+
+EMBEDDINGS_FILE = "learned_embeds.safetensors"
+
+
+def vector_tokens(identifier: str, num_vectors: int) -> list[str]:
+    """The tokens holding an identifier's vectors, as diffusers names them: `<t>`, `<t>_1`, ..."""
+    return [identifier] + [f"{identifier}_{i}" for i in range(1, num_vectors)]
+
+
+def embeddings_file(identifier: str, several: bool) -> str:
+    """The file an identifier's vectors are saved in (see the module docstring)."""
+    if not several:
+        return EMBEDDINGS_FILE
+    return f"{Path(EMBEDDINGS_FILE).stem}_{re.sub(r'[^A-Za-z0-9._-]', '_', identifier.strip('<>'))}.safetensors"
+
+
+class ExpandingTokenizer:
+    """A tokenizer that first expands each multi-vector token to all its vectors, as diffusers does.
+
+    Installed as `Components.tokenizer` for training so that the loop tokenizes prompts the way a
+    pipeline (`maybe_convert_prompt`) does at inference; every other attribute is the tokenizer's.
+    """
+
+    def __init__(self, tokenizer, pipe):
+        self._tokenizer = tokenizer
+        self._pipe = pipe
+
+    def __call__(self, text, *args, **kwargs):
+        return self._tokenizer(self._pipe.maybe_convert_prompt(text, self._tokenizer), *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+class TextualInversion(Method):
+    """New token embeddings only; the model itself stays bit-identical."""
+
+    name = "textual_inversion"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.initializers: dict[str, str] = {}
+        self.vectors: dict[str, list[str]] = {}
+        self.token_rows: TrainableTokens | None = None
+
+    def prepare(self, components: Components, concepts: list) -> list[dict]:
+        for module in (components.vae, components.unet, components.text_encoder):
+            module.requires_grad_(False)
+        for index, c in enumerate(concepts):
+            identifier = c.config.identifier
+            if not is_new_token(identifier) or "_" in identifier.rsplit(">", 1)[-1]:
+                raise ConfigError(
+                    f"concepts[{index}].identifier: '{identifier}' is not a new token; Textual Inversion learns a new "
+                    f"word written like <{identifier.strip('<>') or 'new1'}> (set identifier in the concept)."
+                )
+            initializer = c.config.initializer_token or c.config.class_noun
+            if self.initializers.setdefault(identifier, initializer) != initializer:
+                raise ConfigError(
+                    f"concepts[{index}]: '{identifier}' is used by two concepts with different initializers "
+                    f"('{self.initializers[identifier]}', '{initializer}'); give each concept its own token."
+                )
+        self.tokens = list(self.initializers)
+        self.vectors = {t: vector_tokens(t, self.config.num_vectors) for t in self.tokens}
+        all_tokens = [v for t in self.tokens for v in self.vectors[t]]
+        words = [self.initializers[t] for t in self.tokens for _ in self.vectors[t]]
+        ids = add_tokens(components.tokenizer, components.text_encoder, all_tokens, words)
+        self.token_rows = TrainableTokens(components.text_encoder, ids)
+        if self.config.num_vectors > 1:
+            components.tokenizer = ExpandingTokenizer(components.tokenizer, components.pipe)
+        width = self.token_rows.weight.shape[1]
+        logger.info("textual_inversion: training %d vectors of width %d for %s", len(ids), width, ", ".join(self.tokens))
+        # The embeddings are the method's main parameters: they take learning_rate, not text_encoder_lr.
+        return [{"params": [self.token_rows.weight], "lr": self.config.learning_rate}]
+
+    def trains_text_encoder(self, components: Components) -> bool:
+        return True
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        """Each identifier's trained vectors, (num_vectors, width) float32 CPU tensors."""
+        rows = self.token_rows.state()
+        ids = iter(self.token_rows.token_ids)
+        return {t: torch.stack([rows[next(ids)] for _ in self.vectors[t]]) for t in self.tokens}
+
+    def save_artifact(self, components: Components, folder: Path, meta: dict) -> None:
+        from ..artifacts import safetensors_metadata
+        from ..io import save_safetensors
+
+        several = len(self.tokens) > 1
+        files = {t: embeddings_file(t, several) for t in self.tokens}
+        meta.update({"num_vectors": self.config.num_vectors, "initializers": self.initializers, "token_files": files})
+        header = {**safetensors_metadata(meta), "format": "pt"}
+        for token, vectors in self.embeddings().items():
+            save_safetensors({token: vectors}, Path(folder) / files[token], header)
+
+    @classmethod
+    def apply_artifact(cls, pipe, folder: Path) -> None:
+        """Add the artifact's tokens to the pipeline with diffusers' `load_textual_inversion`."""
+        from ..artifacts import read_artifact
+
+        info = read_artifact(folder)
+        files = info.extra.get("token_files") or {t: EMBEDDINGS_FILE for t in info.tokens}
+        vocab = pipe.tokenizer.get_vocab()
+        for token in info.tokens:
+            path = info.path / files[token]
+            if not path.is_file():
+                raise ModelLoadError(f"{path}: missing; the artifact lists the token {token} but has no embedding file for it.")
+            if token in vocab:
+                raise ModelLoadError(
+                    f"{info.path}: the token {token} is already in the pipeline's tokenizer (another artifact added it); "
+                    "artifacts loaded together need different tokens."
+                )
+            pipe.load_textual_inversion(str(path), token=token)
