@@ -260,7 +260,10 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: str | None = 
                                  num_training_steps=config.max_train_steps)
     unet = components.unet
     text_encoder = components.text_encoder
-    if train_text:
+    # DDP refuses a module with nothing to train (Textual Inversion's UNet), so only trained ones are wrapped.
+    if train_text and not any(p.requires_grad for p in unet.parameters()):
+        text_encoder, optimizer = accelerator.prepare(text_encoder, optimizer)
+    elif train_text:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
