@@ -132,3 +132,23 @@ def test_score_folders_uses_captions(tmp_path, scorers, subject_dir):
     all_images = sorted(images.glob("*.png"))
     assert result["summary"]["dino"] == pytest.approx(metrics.dino_score(all_images, sorted(subject_dir.iterdir()), model=scorers.dino), abs=1e-6)
     assert (tmp_path / "out" / "report.html").is_file()
+
+
+def test_cli_eval_and_metrics(run_dir, scorers, subject_dir, tmp_path, capsys):
+    from dreamtune.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(TEMPLATES) + "\n")
+    models = ["--dino-model", scorers.dino.model_id, "--clip-model", scorers.clip.model_id, "--device", "cpu"]
+    assert main(["eval", str(run_dir), "--prompts", str(prompts), "--images-per-prompt", "2", "--steps", "2",
+                 "--out", str(tmp_path / "ev"), "--quiet", *models]) == 0
+    out = capsys.readouterr().out
+    assert "DINO" in out and "CLIP-T" in out and "PRES" in out
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert [r["prompt"] for r in saved["prompts"]] == ["a sks dog on a table", "a red sks dog"]
+    assert main(["metrics", str(tmp_path / "ev" / "images"), str(subject_dir), "--prompt", "a sks dog",
+                 "--identifier", "sks", "--class-noun", "dog", "--json", *models]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary) >= {"dino", "clip_i", "clip_t", "clipscore", "div"}
+    assert main(["metrics", str(tmp_path / "nothing"), str(subject_dir), *models]) == 2
+    assert "IMAGES" in capsys.readouterr().err

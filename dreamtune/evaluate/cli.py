@@ -35,7 +35,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     live = {"live": True, "object": False}.get(args.subject_kind)
     result = evaluate_run(
         args.run, prompts=args.prompts, images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
-        guidance=args.guidance, live=live, real_images=args.real_images, dino_model=args.dino_model,
+        guidance=args.guidance, live=live, real_images=args.real_images, concept_index=args.concept, dino_model=args.dino_model,
         clip_model=args.clip_model, offline=args.offline, device=args.device, pres=not args.no_pres, kid=args.kid,
         kid_features=args.kid_features, kid_model=args.kid_model, batch_size=args.batch_size, output_dir=args.out,
         embed_images=not args.link_images, progress=not args.quiet,
@@ -90,6 +90,7 @@ def register(subparsers) -> None:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the run's validation_guidance_scale)")
     p.add_argument("--subject-kind", choices=("auto", "live", "object"), default="auto",
                    help="which built-in list: live subjects get accessorisation prompts (auto: dogs and cats are live)")
+    p.add_argument("--concept", type=int, default=0, help="which of the run's concepts to evaluate (0: the first)")
     p.add_argument("--real-images", default=None, metavar="DIR", help="the subject's real images (default: the run's instance_data_dir)")
     p.add_argument("--no-pres", action="store_true", help="skip PRES (rendering the class prompt)")
     p.add_argument("--batch-size", type=int, default=8, help="images rendered per batch")
