@@ -127,7 +127,10 @@ class LoRA(Method):
 
     def save_artifact(self, components: Components, folder: Path, meta: dict) -> None:
         tensors, header = self.lora_state_dict(components)
-        header.update(safetensors_metadata({**meta, "lora_rank": self.rank, "lora_alpha": self.alpha}))
+        meta.update({"lora_rank": self.rank, "lora_alpha": self.alpha,
+                     "lora_target_modules": list(self.config.lora_target_modules),
+                     "text_encoder_lora": ADAPTER_NAME in (getattr(components.text_encoder, "peft_config", None) or {})})
+        header.update(safetensors_metadata(meta))
         save_safetensors(tensors, Path(folder) / LORA_WEIGHTS_FILE, metadata=header)
 
     @classmethod
