@@ -197,6 +197,11 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: str | None = 
     from tqdm.auto import tqdm
 
     output_dir = Path(config.output_dir).expanduser()
+    # Several runs in one process (a benchmark, a notebook) may differ in mixed precision: accelerate
+    # keeps one global state, so it is reset here; the process group itself (PartialState) is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     trackers = [config.report_to] if config.report_to in ("tensorboard", "wandb") else None
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=trackers,
                               project_dir=str(output_dir / "logs"))

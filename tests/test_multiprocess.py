@@ -30,12 +30,12 @@ def test_two_processes_match_one(tiny_model_dir, subject_dir, tmp_path):
     rank0, rank1 = load_file(two / "rank0.safetensors"), load_file(two / "rank1.safetensors")
     single = load_file(one / "rank0.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    # Same examples, noise and timesteps; only the order of floating-point sums differs, which Adam's
-    # normalisation can stretch to a fraction of one step (lr 1e-3) where a gradient is near zero.
+    # Same examples, noise and timesteps; only the order of floating-point sums differs (a large Adam
+    # epsilon keeps Adam's normalisation from stretching that where a gradient is near zero).
     base = load_file(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors")
     moved = max((single[k] - base[k]).abs().max().item() for k in base)
     assert moved > 1e-3
     for k in rank0:
-        torch.testing.assert_close(rank0[k], single[k], rtol=0, atol=1e-4)
+        torch.testing.assert_close(rank0[k], single[k], rtol=0, atol=1e-6)
     # Class images were shared out between the two processes: all three exist once.
     assert (two / "run" / "artifact" / "dreamtune.json").is_file()
