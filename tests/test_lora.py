@@ -82,6 +82,10 @@ def test_diffusers_load_lora_weights_reproduces_the_sample(lora_run, tiny_model_
     from diffusers import StableDiffusionPipeline
 
     result, trained = lora_run
+    with safe_open(str(result.artifact_dir / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        header = f.metadata()
+    assert header["format"] == "pt" and header["method"] == "lora"
+    assert '"unet.lora_alpha": 8.0' in header["lora_adapter_metadata"]
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(result.artifact_dir))

@@ -130,7 +130,8 @@ class LoRA(Method):
         meta.update({"lora_rank": self.rank, "lora_alpha": self.alpha,
                      "lora_target_modules": list(self.config.lora_target_modules),
                      "text_encoder_lora": ADAPTER_NAME in (getattr(components.text_encoder, "peft_config", None) or {})})
-        header.update(safetensors_metadata(meta))
+        # diffusers' own writer marks the file "format": "pt"; dreamtune's "format" key yields to it.
+        header = {**safetensors_metadata(meta), **header}
         save_safetensors(tensors, Path(folder) / LORA_WEIGHTS_FILE, metadata=header)
 
     @classmethod
