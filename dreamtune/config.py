@@ -145,7 +145,8 @@ class TrainConfig:
 # Method defaults that differ from DreamBooth's: applied when the user did not set the option.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "dreambooth": {},
-    "custom_diffusion": {"learning_rate": 1e-5, "scale_lr": True, "max_train_steps": 250, "train_batch_size": 2},
+    "custom_diffusion": {"learning_rate": 1e-5, "scale_lr": True, "max_train_steps": 250, "train_batch_size": 2,
+                         "num_class_images": 200},
     "textual_inversion": {"learning_rate": 5e-4, "scale_lr": True, "max_train_steps": 2000},
     "lora": {"learning_rate": 1e-4, "max_train_steps": 500},
 }
