@@ -135,7 +135,7 @@ def score_model(name: str, pipe, subject: Subject, identifier: str, *, seed: int
         language_drift=oracle.language_drift(class_readings, references),
         class_diversity=oracle.diversity(class_readings),
     )
-    return scores, {"texts": texts, "images": images, "class_images": class_images}
+    return scores, {"texts": texts, "prompts": prompts, "images": images, "class_images": class_images}
 
 
 def format_table(rows: list[ModelScores]) -> str:
@@ -194,6 +194,17 @@ Class diversity: chance that two of those images differ in an attribute.</p>
 """
 
 
+def _quiet_libraries() -> None:
+    # Loading bars and notices of diffusers and transformers would bury the demo's own progress.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def run_demo(subject: str = "striped_star", method: str = "all", steps: int | None = None,
              output_dir: str | Path = "dreamtune-demo", overwrite: bool = False, seed: int = 0,
              progress: bool = True, quiet: bool = False) -> list[ModelScores]:
@@ -215,6 +226,7 @@ def run_demo(subject: str = "striped_star", method: str = "all", steps: int | No
             raise DreamtuneError(f"--output-dir {out} is not empty: pass --overwrite to replace it")
         shutil.rmtree(out)
     say = (lambda *a: None) if quiet else print
+    _quiet_libraries()
     started = time.monotonic()
     instance_dir = out / "subject"
     write_subject_images(chosen, instance_dir)
@@ -239,8 +251,10 @@ def run_demo(subject: str = "striped_star", method: str = "all", steps: int | No
         del pipe, result
 
     # Grid: one row per model, the first image of a spread of prompts, then two plain-class images.
-    picks = [0, 1, 3, 8, 12, 14, 16, len(samples["base model"]["texts"]) - 1]
-    columns = [samples["base model"]["texts"][i].removeprefix("a photo of ") for i in picks] + ["class", "class"]
+    prompts = samples["base model"]["prompts"]
+    picks = [0, 1, 3, 8, 12, 14, 16, len(prompts) - 1]
+    columns = [", ".join(prompts[i].attributes.values()) or "(subject)" for i in picks]
+    columns += [chosen.class_noun, chosen.class_noun]
     grid_rows = []
     for name, data in samples.items():
         images = [data["images"][i * IMAGES_PER_PROMPT] for i in picks] + data["class_images"][:2]

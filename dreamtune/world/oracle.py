@@ -135,6 +135,15 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best if best else np.zeros_like(mask)
 
 
+_GROWTH = (1.0, 1.1, 1.2)
+
+
+def _box_centre(cls: str, fit: tuple[float, float, float, float]) -> tuple[float, float]:
+    cx, cy, rx, ry = fit
+    u0, u1, v0, v1 = _EXTENTS[cls]
+    return cx + (u0 + u1) / 2 * rx, cy + (v0 + v1) / 2 * ry
+
+
 def _object_coords(cx: float, cy: float, rx: float, ry: float) -> tuple[np.ndarray, np.ndarray]:
     # Sub-pixel sample positions of every pixel, in object coordinates: shape (32, 32, SUB*SUB).
     pixel = np.arange(RESOLUTION, dtype=np.float32)
@@ -207,13 +216,19 @@ def read(image) -> Reading:
 
     best_cls, best_iou, best_fit, best_cover = CLASSES[0], -1.0, None, None
     for cls in CLASSES:
-        fit = _fit(cls, bbox)
-        u, v = _object_coords(*fit)
-        cover = _lookup(_SHAPES[cls], u, v).mean(axis=2)
-        # Soft overlap of the template's coverage with the object's, pixel by pixel.
-        iou = float(np.minimum(cover, alpha).sum() / max(1e-6, np.maximum(cover, alpha).sum()))
-        if iou > best_iou:
-            best_cls, best_iou, best_fit, best_cover = cls, iou, fit, cover
+        base_fit = _fit(cls, bbox)
+        # Blur shortens points and rounds corners, so a pointed shape's box underestimates its
+        # size: try the template a little larger too, about the same centre.
+        for grow in _GROWTH:
+            cx, cy, rx, ry = base_fit
+            centre_x, centre_y = _box_centre(cls, base_fit)
+            fit = (centre_x + (cx - centre_x) * grow, centre_y + (cy - centre_y) * grow, rx * grow, ry * grow)
+            u, v = _object_coords(*fit)
+            cover = _lookup(_SHAPES[cls], u, v).mean(axis=2)
+            # Soft overlap of the template's coverage with the object's, pixel by pixel.
+            iou = float(np.minimum(cover, alpha).sum() / max(1e-6, np.maximum(cover, alpha).sum()))
+            if iou > best_iou:
+                best_cls, best_iou, best_fit, best_cover = cls, iou, fit, cover
     cx, cy, rx, ry = best_fit
     size = _size(float(np.sqrt(rx * ry)))
     position = _position(cx, cy, size)

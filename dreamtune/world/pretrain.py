@@ -35,12 +35,12 @@ class PretrainSettings:
     """Sizes and hyper-parameters of the base model and its training (saved with every checkpoint)."""
 
     seed: int = 0
-    vae_steps: int = 600
-    unet_steps: int = 3000
+    vae_steps: int = 400
+    unet_steps: int = 1100
     batch_size: int = 32
     vae_batch_size: int = 16
     vae_learning_rate: float = 1e-3
-    learning_rate: float = 3e-4
+    learning_rate: float = 4e-4
     warmup_steps: int = 100
     caption_dropout: float = 0.1
     vae_patterned_share: float = 0.4
@@ -49,7 +49,7 @@ class PretrainSettings:
     checkpoint_every: int = 100
     text_hidden_size: int = 96
     text_layers: int = 4
-    unet_channels: tuple = (64, 128, 128)
+    unet_channels: tuple = (48, 96, 128)
 
 
 def build_components(settings: PretrainSettings) -> dict:
@@ -97,7 +97,7 @@ def build_components(settings: PretrainSettings) -> dict:
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=hidden,
         attention_head_dim=4,
-        norm_num_groups=32,
+        norm_num_groups=16,
     )
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
@@ -378,8 +378,13 @@ def export_pipeline(components: dict, ema: dict | None, destination: str | Path,
         requires_safety_checker=False,
     )
     if fp16:
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # its notice about casting with .to() does not apply here
         for module in (vae, text_encoder, unet):
             module.to(torch.float16)
+        diffusers_logging.set_verbosity(verbosity)
     destination = Path(destination)
     with atomic_dir(destination) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -438,14 +443,17 @@ def pretrain(
         with open(log_file, "a", encoding="utf-8") as fh:
             fh.write(f"[{time.monotonic() - started:7.1f}s] {message}\n")
 
-    for phase in ("vae", "unet"):
+    phase_keys = {"vae": ("seed", "vae_batch_size"),
+                  "unet": ("seed", "batch_size", "text_hidden_size", "text_layers", "unet_channels")}
+    for phase, keys in phase_keys.items():
         previous = run_dir / "checkpoints" / phase / "state.json"
         if resume and previous.exists():
             saved = json.loads(previous.read_text())["settings"]
-            for key in ("seed", "batch_size", "vae_batch_size", "text_hidden_size", "text_layers"):
-                if saved[key] != getattr(settings, key):
+            for key in keys:
+                value = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
+                if value != getattr(settings, key):
                     raise DreamtuneError(
-                        f"{previous}: saved {key}={saved[key]} differs from {getattr(settings, key)}; "
+                        f"{previous}: saved {key}={value} differs from {getattr(settings, key)}; "
                         "use the same settings to resume, or resume=False with a fresh output_dir"
                     )
     log(f"pretrain settings {asdict(settings)}")
@@ -546,7 +554,7 @@ def export_checkpoint(run_dir: str | Path, destination: str | Path, *, fp16: boo
     unet_dir = run_dir / "checkpoints" / "unet"
     if not vae_state.exists() or not (unet_dir / "state.json").exists():
         raise DreamtuneError(f"{run_dir}: no finished VAE phase and UNet checkpoint to export yet")
-    saved = json.loads(vae_state.read_text())["settings"]
+    saved = json.loads((unet_dir / "state.json").read_text())["settings"]
     settings = PretrainSettings(**{k: tuple(v) if k == "unet_channels" else v for k, v in saved.items()})
     components = build_components(settings)
     components["vae"].load_state_dict(load_file(str(run_dir / "checkpoints" / "vae" / "vae.safetensors")))
