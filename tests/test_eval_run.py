@@ -141,12 +141,12 @@ def test_cli_eval_and_metrics(run_dir, scorers, subject_dir, tmp_path, capsys):
     prompts.write_text("\n".join(TEMPLATES) + "\n")
     models = ["--dino-model", scorers.dino.model_id, "--clip-model", scorers.clip.model_id, "--device", "cpu"]
     assert main(["eval", str(run_dir), "--prompts", str(prompts), "--images-per-prompt", "2", "--steps", "2",
-                 "--out", str(tmp_path / "ev"), "--quiet", *models]) == 0
+                 "--quiet", *models]) == 0
     out = capsys.readouterr().out
     assert "DINO" in out and "CLIP-T" in out and "PRES" in out
-    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    saved = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert [r["prompt"] for r in saved["prompts"]] == ["a sks dog on a table", "a red sks dog"]
-    assert main(["metrics", str(tmp_path / "ev" / "images"), str(subject_dir), "--prompt", "a sks dog",
+    assert main(["metrics", str(run_dir / "eval" / "images"), str(subject_dir), "--prompt", "a sks dog",
                  "--identifier", "sks", "--class-noun", "dog", "--json", *models]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert set(summary) >= {"dino", "clip_i", "clip_t", "clipscore", "div"}
