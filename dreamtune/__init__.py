@@ -28,6 +28,7 @@ _EXPORTS = {
     "sample": "dreamtune.pipeline",
     "merge": "dreamtune.merge",
     "evaluate": "dreamtune.evaluate",
+    "evaluate_run": "dreamtune.evaluate",
     "DreamtuneError": "dreamtune.errors",
 }
 

@@ -34,7 +34,7 @@ from .pipeline import load_base
 
 logger = logging.getLogger(__name__)
 
-RUN_ENTRIES = {"config.toml", "checkpoints", "samples", "logs", "artifact"}
+RUN_ENTRIES = {"config.toml", "checkpoints", "samples", "logs", "artifact", "eval"}
 
 
 @dataclass
