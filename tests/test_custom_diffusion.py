@@ -141,9 +141,10 @@ def test_artifact_loads_with_diffusers_own_loaders_and_renders_the_same(joint_ru
     assert not torch.allclose(_probe(plain, PROMPT_1), _probe(plain, "a photo of dog"), atol=1e-4)
     # Two Custom Diffusion artifacts on one pipeline would overwrite each other's weights.
     from dreamtune.errors import ModelLoadError
+    from dreamtune.methods.custom_diffusion import CustomDiffusion
 
     with pytest.raises(ModelLoadError, match="merge"):
-        load_pipeline(None, result.output_dir, result.output_dir)
+        CustomDiffusion.apply_artifact(ours, folder)
 
 
 def test_checkpoint_resume_matches_uninterrupted_run(joint_run, tiny_model_dir, subject_dir, tmp_path):
@@ -183,6 +184,19 @@ def test_all_cross_attention_projections_and_compression(tiny_model_dir, subject
                                                       "to_out.0.bias"}
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(
         p.numel() for p in pipe.unet.parameters() if p.requires_grad) + 32
+
+    # The key layout holds all four projections: diffusers' loader rebuilds the same model from it.
+    from dreamtune.methods.custom_diffusion import diffusers_state_dict
+
+    with torch.no_grad():
+        for name in names:
+            pipe.unet.get_parameter(name).add_(0.05 * torch.randn_like(pipe.unet.get_parameter(name)))
+    weights = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad}
+    fresh = load_base(str(tiny_model_dir))
+    before = _probe(fresh, "a photo of dog")
+    fresh.unet.load_attn_procs(diffusers_state_dict(fresh.unet, weights), _pipeline=fresh)
+    torch.testing.assert_close(_probe(fresh, "a photo of dog"), _probe(pipe, "a photo of dog"), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(before, _probe(pipe, "a photo of dog"), atol=1e-4)
 
     # The SVD truncation keeps the best rank-r part: its error is the dropped singular values' share.
     matrix = torch.randn(12, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
