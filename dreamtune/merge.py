@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,3 +317,17 @@ def cmd_merge(args) -> int:
     print(f"merged {len(args.artifacts)} runs into {result.out_dir} (tokens: {', '.join(result.tokens) or 'none'}; "
           f"{result.constraint_rows} constraint rows, worst relative error {result.max_constraint_error:.1e})")
     return 0
+
+
+class _CallableModule(types.ModuleType):
+    """Calling this module merges: `dreamtune.merge` names both the module and its function.
+
+    The package exports the function lazily, but importing the submodule (the CLI does) rebinds
+    `dreamtune.merge` to the module; either way `dreamtune.merge(...)` then works.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return merge(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

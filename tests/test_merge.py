@@ -153,6 +153,33 @@ def test_merge_of_one_concept_keeps_its_outputs(two_runs, tmp_path):
     assert max(errors) < 1e-5
 
 
+def test_merge_reads_compressed_artifacts_and_is_callable_from_the_package(two_runs, tiny_model_dir, tmp_path):
+    import shutil
+
+    import dreamtune
+    from dreamtune.io import save_safetensors
+    from dreamtune.methods.custom_diffusion import LORA_WEIGHT_NAME, WEIGHT_NAME, compress
+    from dreamtune.pipeline import load_base
+
+    # The second run stored as a rank-4 LoRA of its weight changes (what compress_rank = 4 writes).
+    folder, weights = two_runs[1]
+    compressed = tmp_path / "b_lowrank"
+    shutil.copytree(folder, compressed)
+    (compressed / WEIGHT_NAME).unlink()
+    unet = load_base(str(tiny_model_dir)).unet
+    base = {n: unet.get_parameter(n).detach() for n in weights}
+    state, report = compress(weights, base, 4)
+    assert report["relative_error"] > 0.1
+    save_safetensors(state, compressed / LORA_WEIGHT_NAME)
+    reconstructed = {n: base[n] + state[f"unet.{n[:-7]}.lora_B.weight"] @ state[f"unet.{n[:-7]}.lora_A.weight"]
+                     for n in weights}
+
+    dreamtune.merge  # noqa: B018 -- the first access imports the submodule
+    dreamtune.merge([two_runs[0][0], compressed], CAPTIONS, tmp_path / "merged")
+    _, _, errors = _constraint_errors(tmp_path / "merged", [two_runs[0], (compressed, reconstructed)])
+    assert max(errors) < 1e-5
+
+
 def test_merge_errors(two_runs, tmp_path):
     import json
 
