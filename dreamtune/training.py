@@ -108,7 +108,7 @@ class Encoder:
     """Turns examples into latents and prompts into embeddings, from caches when they are valid."""
 
     def __init__(self, components: Components, data: TrainData, *, cache_latents: bool, cache_text: bool,
-                 device, dtype, seed: int):
+                 device, dtype, seed: int, frozen_prompt=None):
         self.c = components
         self.device, self.dtype, self.seed = device, dtype, seed
         self.scaling = components.vae.config.scaling_factor
@@ -117,8 +117,9 @@ class Encoder:
         if cache_latents and data.deterministic:
             for key, pixels in data.all_fixed_examples():
                 self.latent_cache[key] = self._distribution(pixels[None])
-        if cache_text:
-            prompts = data.all_prompts()
+        if cache_text or frozen_prompt is not None:
+            # With new token rows training, prompts without those tokens still have fixed embeddings.
+            prompts = [p for p in data.all_prompts() if cache_text or frozen_prompt(p)]
             for start in range(0, len(prompts), 32):
                 chunk = prompts[start : start + 32]
                 with torch.no_grad():
@@ -151,10 +152,15 @@ class Encoder:
 
     def text(self, prompts: list[str], *, train: bool, text_encoder=None) -> torch.Tensor:
         """Prompt embeddings (last hidden state), from the cache when the text encoder is frozen."""
-        if not train and all(p in self.text_cache for p in prompts):
+        cached = [p in self.text_cache for p in prompts]
+        if all(cached):
             return torch.stack([self.text_cache[p] for p in prompts])
         encoder = text_encoder or self.c.text_encoder
-        return encoder(self.tokens(prompts).to(self.device))[0]
+        fresh = encoder(self.tokens([p for p, c in zip(prompts, cached) if not c]).to(self.device))[0]
+        if not any(cached):
+            return fresh
+        rows = iter(fresh)
+        return torch.stack([self.text_cache[p].to(fresh.dtype) if c else next(rows) for p, c in zip(prompts, cached)])
 
 
 def diffusion_loss(unet, scheduler, latents, embeds, masks, gens, *, snr_gamma: float) -> torch.Tensor:
@@ -258,6 +264,7 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: str | None = 
     train_text = method.trains_text_encoder(components)
     encoder = Encoder(components, data, cache_latents=config.cache_latents,
                       cache_text=config.cache_text_embeddings and not train_text,
+                      frozen_prompt=method.frozen_prompt if config.cache_text_embeddings and train_text else None,
                       device=accelerator.device, dtype=weight_dtype, seed=config.seed)
 
     world = accelerator.num_processes

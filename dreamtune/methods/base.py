@@ -72,6 +72,14 @@ class Method:
         """True when any text-encoder parameter trains (then prompts cannot be cached)."""
         return any(p.requires_grad for p in components.text_encoder.parameters())
 
+    def frozen_prompt(self, prompt: str) -> bool:
+        """True when nothing that trains affects this prompt's text embedding, so it can be cached.
+
+        Asked only when the text encoder takes part in training: a method that trains new token
+        rows alone answers True for prompts without those tokens (e.g. the class prompts).
+        """
+        return False
+
     def trainable_state(self, components: Components) -> dict[str, torch.Tensor]:
         """The trained tensors, for checkpoints (unet.* and text_encoder.* names)."""
         state = {f"unet.{n}": p.detach() for n, p in trainable_parameters(components.unet).items()}
