@@ -264,6 +264,36 @@ def test_token_helpers_and_their_errors(tiny_model_dir):
     assert not any("added_rows" in k for k in text.state_dict())
 
 
+def test_class_prompts_are_cached_while_token_rows_train(tiny_model_dir, subject_dir, tmp_path):
+    from dreamtune.concepts import load_concept
+    from dreamtune.data.dataset import ImageSet, TrainData
+    from dreamtune.methods import Components
+    from dreamtune.methods.custom_diffusion import CustomDiffusion
+    from dreamtune.pipeline import load_base
+    from dreamtune.training import Encoder
+
+    config = _cd_config(tiny_model_dir, subject_dir, tmp_path)
+    components = Components.from_pipeline(load_base(str(tiny_model_dir)), "tiny")
+    method = CustomDiffusion(config)
+    concept = load_concept(config.concepts[0])
+    method.prepare(components, [concept])
+    assert method.trains_text_encoder(components)
+    assert method.frozen_prompt("a photo of dog") and not method.frozen_prompt("a photo of <NEW1> dog")
+    prior = ImageSet(concept.images[:1], ["a photo of a dog"])
+    data = TrainData([concept], [prior], resolution=32, center_crop=True, random_flip=False, augment=True,
+                     latent_scale=2, seed=0)
+    encoder = Encoder(components, data, cache_latents=False, cache_text=False, device="cpu", dtype=torch.float32,
+                      seed=0, frozen_prompt=method.frozen_prompt)
+    assert set(encoder.text_cache) == {"a photo of a dog"}
+    prompts = ["a photo of <new1> dog", "a photo of a dog"]
+    embeds = encoder.text(prompts, train=True)
+    assert embeds.requires_grad
+    embeds[0].sum().backward()
+    assert method.token_rows.weight.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(embeds, components.text_encoder(encoder.tokens(prompts))[0])
+
+
 def test_method_errors(tiny_model_dir, subject_dir, tmp_path):
     from dreamtune.concepts import load_concept
     from dreamtune.methods import Components

@@ -97,6 +97,7 @@ class CustomDiffusion(Method):
         self.base_weights: dict[str, torch.Tensor] = {}
         self.initializers: dict[str, str] = {}
         self.token_rows: TrainableTokens | None = None
+        self._tokenizer = None
         self._hooks: list = []
 
     # --- training -------------------------------------------------------------------------
@@ -135,12 +136,20 @@ class CustomDiffusion(Method):
         if self.tokens:
             ids = add_tokens(components.tokenizer, text_encoder, self.tokens, list(self.initializers.values()))
             self.token_rows = TrainableTokens(text_encoder, ids)
+            self._tokenizer = components.tokenizer
             text_params = [self.token_rows.weight]
         total = sum(p.numel() for p in unet.parameters())
         trained = sum(p.numel() for p in unet_params)
         logger.info("custom_diffusion: training %d UNet parameters (%.2f%% of %d) in %d projections; new tokens: %s",
                     trained, 100 * trained / total, total, len(self.projections), ", ".join(self.tokens) or "none")
         return self.param_groups(unet_params, text_params)
+
+    def frozen_prompt(self, prompt: str) -> bool:
+        """True for prompts without a modifier token: no trained tensor reaches their text embedding."""
+        if self.token_rows is None:
+            return True
+        ids = set(self._tokenizer(prompt, truncation=True, max_length=self._tokenizer.model_max_length).input_ids)
+        return not ids & set(self.token_rows.token_ids)
 
     # --- artifacts ------------------------------------------------------------------------
     def trained_weights(self, components: Components) -> dict[str, torch.Tensor]:
