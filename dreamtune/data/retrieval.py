@@ -166,7 +166,7 @@ class TextEmbedder:
                 text_config = CLIPTextConfig(**{k: v for k, v in config["text_config"].items() if k != "model_type"})
                 text_config.projection_dim = config.get("projection_dim", text_config.projection_dim)
                 kwargs["config"] = text_config
-            has_projection = projected and ("projection_dim" in config or "text_config" in config)
+            has_projection = projected and _has_projection(model_dir)
             model_class = CLIPTextModelWithProjection if has_projection else CLIPTextModel
             model = model_class.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
         except (OSError, ValueError, json.JSONDecodeError) as e:
@@ -182,6 +182,20 @@ class TextEmbedder:
         out = self.model(**batch)
         features = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+
+def _has_projection(model_dir: Path) -> bool:
+    """True when the saved weights include CLIP's text projection (a config alone may name one it lacks)."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return (model_dir / "config.json").is_file() and "text_config" in (model_dir / "config.json").read_text()
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            if any(key.endswith("text_projection.weight") for key in f.keys()):
+                return True
+    return False
 
 
 def model_key(model_dir: Path, kind: str) -> str:
