@@ -253,7 +253,8 @@ def run_demo(subject: str = "striped_star", method: str = "all", steps: int | No
     # Grid: one row per model, the first image of a spread of prompts, then two plain-class images.
     prompts = samples["base model"]["prompts"]
     picks = [0, 1, 3, 8, 12, 14, 16, len(prompts) - 1]
-    columns = [", ".join(prompts[i].attributes.values()) or "(subject)" for i in picks]
+    columns = [", ".join(f"{v} bg" if k == "background" else v for k, v in prompts[i].attributes.items())
+               or "(subject)" for i in picks]
     columns += [chosen.class_noun, chosen.class_noun]
     grid_rows = []
     for name, data in samples.items():
