@@ -274,7 +274,7 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
                     concepts=[{"identifier": t, "class_noun": n} for _, t, n in concepts],
                     train_params="crossattn_kv", weight_file=WEIGHT_NAME,
                     token_files={t: f"{t}.safetensors" for t in tokens},
-                    merge={"sources": [str(info.path) for info in infos], "num_reg_captions": len(captions),
+                    merge={"sources": [str(info.path.resolve()) for info in infos], "num_reg_captions": len(captions),
                            "constraint_rows": result.constraint_rows,
                            "max_relative_constraint_error": result.max_constraint_error})
     with atomic_dir(out_dir) as tmp:
