@@ -5,9 +5,9 @@
     python benchmarks/train_step.py --model sd15 --resolution 512 --device cuda
 
 Three figures per model, measured in one run and reported as ratios (the machines are noisy):
-- loop: `dreamtune.train` (DreamBooth with prior preservation, latents and prompts cached); its
-  per-step cost is the difference between a long and a short run, so loading, caching, the final
-  validation and the artifact cancel out;
+- loop: `dreamtune.train` (DreamBooth with prior preservation, latents and prompts cached): the
+  median wall time between consecutive steps in its own metrics log (everything between two steps,
+  logging included; loading, caching and the final artifact are outside the steps);
 - bare: the same UNet, batch and optimizer in a plain loop on precomputed latents and embeddings;
 - uncached: the loop with latent and text-embedding caching off (images and prompts re-encoded
   every step).
@@ -58,27 +58,26 @@ def subject_images(folder: Path, size: int) -> Path:
 
 def loop_seconds(model_dir: Path, work: Path, resolution: int, batch: int, steps: int, cached: bool,
                  mixed_precision: str) -> float:
+    """Median wall time between consecutive steps of `dreamtune.train`, from its own metrics log."""
+    import csv
+    import statistics
+
     from dreamtune.config import load_config
     from dreamtune.training import train
 
-    def run(n: int, name: str) -> float:
-        config = load_config(
-            None, pretrained_model_name_or_path=str(model_dir), output_dir=str(work / name), resolution=resolution,
-            max_train_steps=n, train_batch_size=batch, with_prior_preservation=True, num_class_images=4,
-            class_generation_steps=1, validation_steps=0, checkpointing_steps=0, num_validation_images=1,
-            validation_inference_steps=1, validation_prompts=["a photo of sks dog"], cache_latents=cached,
-            cache_text_embeddings=cached, mixed_precision=mixed_precision,
-            concepts=[{"instance_data_dir": str(work / "subject"), "class_noun": "dog",
-                       "class_data_dir": str(work / "class")}],
-        )
-        start = time.perf_counter()
-        train(config, overwrite=True, progress=False)
-        return time.perf_counter() - start
-
-    run(1, "warm")
-    short = run(2, "short")
-    long = run(2 + steps, "long")
-    return (long - short) / steps
+    config = load_config(
+        None, pretrained_model_name_or_path=str(model_dir), output_dir=str(work / "run"), resolution=resolution,
+        max_train_steps=steps + 2, train_batch_size=batch, with_prior_preservation=True, num_class_images=4,
+        class_generation_steps=1, validation_steps=0, checkpointing_steps=0, num_validation_images=1,
+        validation_inference_steps=1, validation_prompts=["a photo of sks dog"], cache_latents=cached,
+        cache_text_embeddings=cached, mixed_precision=mixed_precision,
+        concepts=[{"instance_data_dir": str(work / "subject"), "class_noun": "dog",
+                   "class_data_dir": str(work / "class")}],
+    )
+    result = train(config, overwrite=True, progress=False)
+    with open(result.output_dir / "logs" / "metrics.csv", newline="") as f:
+        wall = [float(r["wall_time"]) for r in csv.DictReader(f)]
+    return statistics.median(b - a for a, b in zip(wall[1:], wall[2:]))
 
 
 def bare_seconds(pipe, resolution: int, batch: int, steps: int, device: str, mixed_precision: str) -> float:
@@ -103,15 +102,17 @@ def bare_seconds(pipe, resolution: int, batch: int, steps: int, device: str, mix
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    import statistics
+
     step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def bench(name: str, pipe, resolution: int, batch: int, steps: int, device: str, mixed_precision: str) -> None:

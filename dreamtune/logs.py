@@ -8,7 +8,9 @@ from pathlib import Path
 
 from .io import save_image, write_text
 
-FIELDS = ["step", "loss", "instance_loss", "prior_loss", "lr", "step_time"]
+# step_time: this step alone; wall_time: seconds since the (re)start of the loop, so its differences
+# include everything between steps too (logging, checkpoints, validation).
+FIELDS = ["step", "loss", "instance_loss", "prior_loss", "lr", "step_time", "wall_time"]
 
 
 class MetricsLog:

@@ -306,6 +306,7 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: str | None = 
     losses: list[float] = []
     bar = tqdm(range(start_step, config.max_train_steps), initial=start_step, total=config.max_train_steps,
                desc=f"{config.method}", disable=not (progress and main))
+    loop_start = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
         step_loss = torch.zeros(3, device=accelerator.device)
@@ -349,7 +350,7 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: str | None = 
         if main and (global_step % config.logging_steps == 0 or global_step == config.max_train_steps):
             row = {"step": global_step, "loss": loss_value, "instance_loss": step_loss[1].item(),
                    "prior_loss": step_loss[2].item(), "lr": lr_scheduler.get_last_lr()[0],
-                   "step_time": time.perf_counter() - t0}
+                   "step_time": time.perf_counter() - t0, "wall_time": time.perf_counter() - loop_start}
             log.append(row)
             if trackers:
                 accelerator.log(row, step=global_step)
