@@ -147,3 +147,19 @@ def test_prompt_fidelity_and_diversity_measure_what_they_say():
     same = [readings[0], readings[0], readings[0]]
     assert oracle.diversity(same) == 0.0
     assert oracle.diversity(readings) > 0.3
+
+
+def test_bench_scorer_reads_subject_images(tmp_path):
+    from types import SimpleNamespace
+
+    from dreamtune.world.oracle import bench_scorer
+    from dreamtune.world.subjects import get_subject, write_subject_images
+
+    subject = get_subject("striped_star")
+    write_subject_images(subject, tmp_path)
+    bench_subject = SimpleNamespace(name=subject.name, images_dir=tmp_path)
+    own = bench_scorer(subject.reference_images(), [], bench_subject)
+    assert own["subject_fidelity"] > 0.9
+    other = get_subject("dashed_ring")
+    elsewhere = bench_scorer(other.reference_images(), [], bench_subject)
+    assert elsewhere["subject_fidelity"] < own["subject_fidelity"]

@@ -340,3 +340,17 @@ def diversity(readings: Sequence[Reading], attributes: Sequence[str] = _ATTRIBUT
         n = len(values)
         scores.append(1.0 - float((counts * (counts - 1)).sum() / (n * (n - 1))))
     return float(np.mean(scores))
+
+
+def bench_scorer(images, prompts, subject) -> dict[str, float]:
+    """The oracle's scores for `dreamtune bench` / `dreamtune.evaluate.bench.run_bench`.
+
+    Name it in a bench spec as scorers = ["dreamtune.world.oracle:bench_scorer"]. `subject` is the
+    bench's subject (its real images in `subject.images_dir`); the generated images are read by the
+    oracle and compared with the readings of those references.
+    """
+    from ..data.images import list_images, load_image
+
+    references = read_all(load_image(p) for p in list_images(subject.images_dir, what="subject images"))
+    readings = read_all(images)
+    return {"subject_fidelity": subject_fidelity(readings, references), "diversity": diversity(readings)}
