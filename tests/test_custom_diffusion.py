@@ -15,15 +15,6 @@ PROMPT_1 = "a photo of <new1> dog"
 PROMPT_2 = "a photo of <new2> cat"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small gain nothing from a second thread; on a shared CPU it only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _draw_second_subject(folder):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(3):

@@ -12,15 +12,6 @@ CAPTIONS = [f"a photo of a {colour} {thing} {where}" for colour in ("red", "blue
             for thing in ("dog", "cat", "house", "tree") for where in ("on the grass", "in a room", "at night")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small gain nothing from a second thread; on a shared CPU it only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _random(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 

@@ -15,15 +15,6 @@ CAPTIONS = ["a photo of a dog", "a dog on the beach", "a small brown dog running
             "mountains under snow"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small gain nothing from a second thread; on a shared CPU it only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def collection(tmp_path):
     folder = tmp_path / "collection"

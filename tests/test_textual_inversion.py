@@ -14,15 +14,6 @@ from dreamtune.training import train
 PROMPTS = ["a photo of <sbj> dog", "a <sbj> on the beach"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small gain nothing from a second thread; on a shared CPU it only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _small(tiny_model_dir, subject_dir, output_dir, concepts=None, **overrides):
     from dreamtune.config import load_config
 
