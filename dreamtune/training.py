@@ -171,9 +171,12 @@ def diffusion_loss(unet, scheduler, latents, embeds, masks, gens, *, snr_gamma: 
     noisy = scheduler.add_noise(latents, noise, t)
     pred = unet(noisy.to(unet.dtype if hasattr(unet, "dtype") else latents.dtype), t, embeds).sample.float()
     kind = scheduler.config.prediction_type
-    target = {"epsilon": noise, "v_prediction": None, "sample": latents}.get(kind, noise)
     if kind == "v_prediction":
         target = scheduler.get_velocity(latents, noise, t)
+    elif kind == "sample":
+        target = latents
+    else:
+        target = noise
     error = F.mse_loss(pred, target.float(), reduction="none")
     mask = masks.expand_as(error)
     per_example = (error * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp(min=1.0)
