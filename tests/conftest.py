@@ -76,3 +76,29 @@ def make_config(tiny_model_dir, subject_dir, tmp_path):
         return load_config(None, **values)
 
     return make
+
+
+@pytest.fixture
+def resume_after_kill(monkeypatch):
+    """Train `config`, dying right after its first checkpoint is on disk, then resume it with --resume latest.
+
+    Returns the resumed run's result. `before_resume()`, if given, runs between the two.
+    """
+    import dreamtune.training as training
+
+    def run(config, before_resume=None):
+        real_save = training.save_checkpoint
+
+        def save_then_die(*args, **kwargs):
+            real_save(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            training.train(config, progress=False)
+        monkeypatch.setattr(training, "save_checkpoint", real_save)
+        if before_resume is not None:
+            before_resume()
+        return training.train(config, resume="latest", progress=False)
+
+    return run

@@ -122,25 +122,11 @@ def test_two_lora_artifacts_stay_active_together(lora_run):
     assert len(pipe.get_active_adapters()) == 2
 
 
-def test_resume_equals_uninterrupted(tiny_model_dir, subject_dir, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(tiny_model_dir, subject_dir, tmp_path, resume_after_kill):
     common = dict(max_train_steps=4, checkpointing_steps=2, lr_scheduler="linear", lr_warmup_steps=1,
                   train_text_encoder=True, lora_dropout=0.1)
     full = train(_small(tiny_model_dir, subject_dir, tmp_path / "full", **common), progress=False)
-
-    import dreamtune.training as training
-
-    real_save = training.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
-    config = _small(tiny_model_dir, subject_dir, tmp_path / "cut", **common)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, progress=False)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
-    resumed = train(config, resume="latest", progress=False)
+    resumed = resume_after_kill(_small(tiny_model_dir, subject_dir, tmp_path / "cut", **common))
     for component in ("unet", "text_encoder"):
         a = getattr(full.pipeline, component).state_dict()
         b = getattr(resumed.pipeline, component).state_dict()

@@ -104,25 +104,11 @@ def test_two_concepts_get_one_file_each(tiny_model_dir, subject_dir, tmp_path):
     assert np.array_equal(_images(result.pipeline, prompts)[0], _images(pipe, prompts)[0])
 
 
-def test_resume_equals_uninterrupted(tiny_model_dir, subject_dir, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(tiny_model_dir, subject_dir, tmp_path, resume_after_kill):
     common = dict(max_train_steps=4, checkpointing_steps=2, lr_scheduler="linear", lr_warmup_steps=1, num_vectors=2,
                   random_flip=True, center_crop=False)
     full = train(_small(tiny_model_dir, subject_dir, tmp_path / "full", **common), progress=False)
-
-    import dreamtune.training as training
-
-    real_save = training.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
-    config = _small(tiny_model_dir, subject_dir, tmp_path / "cut", **common)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, progress=False)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
-    resumed = train(config, resume="latest", progress=False)
+    resumed = resume_after_kill(_small(tiny_model_dir, subject_dir, tmp_path / "cut", **common))
     a, b = full.pipeline.text_encoder.state_dict(), resumed.pipeline.text_encoder.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.losses == full.losses[2:]

@@ -53,27 +53,17 @@ def test_artifact_reproduces_the_training_time_image(make_config):
     assert np.array_equal(grid, again)
 
 
-def test_resume_equals_uninterrupted(make_config, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(make_config, tmp_path, resume_after_kill):
     common = dict(max_train_steps=4, checkpointing_steps=2, lr_scheduler="linear", lr_warmup_steps=1,
                   with_prior_preservation=True, random_flip=True, center_crop=False, train_text_encoder=True)
     full = train(make_config(output_dir=str(tmp_path / "full"), **common), progress=False)
-
-    import dreamtune.training as training
-
-    real_save = training.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt  # the process dies right after checkpoint-2 is on disk
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     config = make_config(output_dir=str(tmp_path / "cut"), **common)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, progress=False)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
-    with pytest.raises(DreamtuneError, match="not empty"):
-        train(config, progress=False)
-    resumed = train(config, resume="latest", progress=False)
+
+    def refuses_to_start_over():
+        with pytest.raises(DreamtuneError, match="not empty"):
+            train(config, progress=False)
+
+    resumed = resume_after_kill(config, before_resume=refuses_to_start_over)
     for name in ("unet", "text_encoder"):
         a, b = _state(getattr(full.pipeline, name)), _state(getattr(resumed.pipeline, name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
