@@ -47,6 +47,19 @@ def test_render_draws_the_object_where_the_scene_says():
     assert tuple(image[24, 24]) == render.PALETTE["blue"]
 
 
+def test_object_coverage_marks_exactly_the_object_pixels():
+    for scene in render.iter_scenes(5, 12):
+        image = render.render(scene).astype(int)
+        cover = render.object_coverage(scene, render.RESOLUTION)
+        background = np.all(image == render.PALETTE[scene.background], axis=-1)
+        colour = np.all(image == render.PALETTE[scene.colour], axis=-1)
+        assert np.array_equal(cover == 0, background), scene
+        assert np.array_equal(cover == 1, colour), scene
+        half = render.object_coverage(scene, render.RESOLUTION // 2, supersample=2 * render.SUPERSAMPLE)
+        assert half.shape == (16, 16)
+        assert np.allclose(half, cover.reshape(16, 2, 16, 2).mean(axis=(1, 3)), atol=1e-6)
+
+
 def _attribute_share(readings, scenes) -> float:
     hits = total = 0
     for reading, scene in zip(readings, scenes):

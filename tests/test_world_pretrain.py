@@ -43,3 +43,25 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     pretrain(tmp_path, stop_after_steps=3, **TINY)  # into the UNet phase, whose settings are then fixed
     with pytest.raises(DreamtuneError, match="batch_size"):
         pretrain(tmp_path, **{**TINY, "batch_size": 3})
+
+
+def test_unknown_setting_is_named(tmp_path):
+    with pytest.raises(DreamtuneError, match="object_wieght"):
+        pretrain(tmp_path, object_wieght=3.0, **TINY)
+
+
+def test_object_weights_cover_the_object_and_its_rim():
+    from dreamtune.world import render
+    from dreamtune.world.pretrain import _object_weights
+
+    scenes = list(render.iter_scenes(3, 4))
+    weights = _object_weights(scenes, 16, 5.0)
+    assert weights.shape == (4, 1, 16, 16)
+    for scene, w in zip(scenes, weights[:, 0]):
+        cover = torch.from_numpy(render.object_coverage(scene, 16))
+        assert torch.all(w[cover == 1] == 5.0)  # inside
+        assert torch.all(w[cover > 0] > 1.0)  # on the edge
+        rim = (w == 5.0) & (cover < 1)  # next to a fully covered pixel
+        assert rim.sum() > 0
+        far = torch.nn.functional.max_pool2d(cover[None, None], 3, stride=1, padding=1)[0, 0] == 0
+        assert far.sum() > 0 and torch.all(w[far] == 1.0)

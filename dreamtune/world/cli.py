@@ -40,6 +40,9 @@ def register(subparsers) -> None:
     pre.add_argument("--vae-steps", type=int, default=None, help="Steps of the VAE phase.")
     pre.add_argument("--unet-steps", type=int, default=None, help="Steps of the UNet + text encoder phase.")
     pre.add_argument("--batch-size", type=int, default=None)
+    pre.add_argument("--learning-rate", type=float, default=None, help="Peak learning rate of the UNet phase.")
+    pre.add_argument("--object-weight", type=float, default=None,
+                     help="Loss weight of the object's latent pixels (background: 1); may change when resuming.")
     pre.add_argument("--minutes", type=float, default=None, help="Stop (after a checkpoint) once this much time has passed.")
     pre.add_argument("--no-resume", action="store_true", help="Start over instead of resuming from <output-dir>/checkpoints.")
     pre.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine).")
@@ -72,9 +75,14 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     for option in ("vae_steps", "unet_steps", "batch_size", "threads"):
         _positive(getattr(args, option), "--" + option.replace("_", "-"))
+    if args.learning_rate is not None and args.learning_rate <= 0:
+        raise DreamtuneError(f"--learning-rate must be positive, got {args.learning_rate}")
+    if args.object_weight is not None and args.object_weight <= 0:
+        raise DreamtuneError(f"--object-weight must be positive, got {args.object_weight}")
+    overrides = {} if args.object_weight is None else {"object_weight": args.object_weight}
     path = pretrain(args.output_dir, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                    batch_size=args.batch_size, minutes=args.minutes, resume=not args.no_resume,
-                    threads=args.threads)
+                    batch_size=args.batch_size, learning_rate=args.learning_rate, minutes=args.minutes,
+                    resume=not args.no_resume, threads=args.threads, **overrides)
     print(f"pipeline: {path}")
     return 0
 

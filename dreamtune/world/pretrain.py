@@ -4,8 +4,10 @@ Two phases, each resumable from atomic safetensors checkpoints:
 1. the VAE (AutoencoderKL, 32 px -> 16x16x4 latents) on world images, patterned ones included so it
    can reconstruct the subjects' patterns later;
 2. the UNet (UNet2DConditionModel) and the CLIP text encoder jointly on plain world images and
-   prompt-style captions: v-prediction, a cosine ("squaredcos_cap_v2") schedule, Min-SNR weighting,
-   10% caption dropout (for classifier-free guidance) and an EMA of the weights.
+   prompt-style captions: v-prediction, a cosine ("squaredcos_cap_v2") schedule, a loss that weighs
+   the object's latent pixels more than the background's, 10% caption dropout (for classifier-free
+   guidance) and an EMA of the weights. The UNet also takes the pooled prompt into its time
+   embedding (diffusers' `addition_embed_type="text"`), beside the usual cross-attention.
 
 The result is a diffusers `StableDiffusionPipeline` folder (`<output_dir>/pipeline`) that
 `StableDiffusionPipeline.from_pretrained` loads, with a DDIM scheduler set for 25-step sampling.
@@ -52,6 +54,18 @@ class PretrainSettings:
     text_hidden_size: int = 96
     text_layers: int = 4
     unet_channels: tuple = (48, 96, 128)
+    # Captions are short: padding prompts to 32 tokens rather than CLIP's 77 halves the text
+    # encoder's and the cross-attention's cost. The shipped tokenizer keeps this length.
+    max_length: int = 32
+    # Also feed the pooled prompt into the time embedding (diffusers' `addition_embed_type="text"`),
+    # so every ResNet block sees the prompt, not only the cross-attention layers.
+    text_time_embedding: bool = True
+    # Cross-attention at the 16x16 level too, not only at 8x8 and 4x4.
+    attention_at_top: bool = False
+    # Loss weight of latent pixels on and next to the object (background pixels weigh 1). Objects
+    # cover 5-15% of an image, so a plain loss learns backgrounds first and shapes last.
+    # It may change between resumed parts of a run.
+    object_weight: float = 5.0
 
 
 def build_components(settings: PretrainSettings) -> dict:
@@ -86,20 +100,24 @@ def build_components(settings: PretrainSettings) -> dict:
             pad_token_id=49407,
         )
     )
-    tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR, local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR, local_files_only=True,
+                                              model_max_length=settings.max_length)
     channels = tuple(settings.unet_channels)
+    top = "CrossAttn" if settings.attention_at_top else ""
+    extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4} if settings.text_time_embedding else {}
     unet = UNet2DConditionModel(
         sample_size=render.RESOLUTION // 2,
         in_channels=4,
         out_channels=4,
         block_out_channels=channels,
         layers_per_block=1,
-        # Attention only at 8x8 and 4x4: at 16x16 it costs most of the step and adds little here.
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        # By default attention only at 8x8 and 4x4: at 16x16 it costs most of the step.
+        down_block_types=(f"{top}DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", f"{top}UpBlock2D"),
         cross_attention_dim=hidden,
         attention_head_dim=4,
         norm_num_groups=16,
+        **extra,
     )
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
@@ -185,19 +203,25 @@ def _read_checkpoint(folder: Path) -> tuple[dict, dict[str, dict]] | None:
     return state, tensors
 
 
+def _restore(folder: Path, resume: bool, optimizer, modules: dict) -> tuple[int, dict]:
+    """Load a phase's checkpoint into its modules and optimizer; returns (step, all saved tensors)."""
+    found = _read_checkpoint(folder) if resume else None
+    if not found:
+        return 0, {}
+    state, tensors = found
+    for name, module in modules.items():
+        module.load_state_dict(tensors[name])
+    _load_optimizer(optimizer, tensors["optimizer"], state["optimizer"])
+    return state["step"], tensors
+
+
 def train_vae(components: dict, settings: PretrainSettings, run_dir: Path, *, resume: bool, progress: bool,
               stopwatch: _Stopwatch, log) -> bool:
     """Phase 1: the autoencoder. Returns True when all its steps are done."""
     vae = components["vae"]
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_learning_rate, weight_decay=0.0)
     folder = run_dir / "checkpoints" / "vae"
-    start = 0
-    found = _read_checkpoint(folder) if resume else None
-    if found:
-        state, tensors = found
-        vae.load_state_dict(tensors["vae"])
-        _load_optimizer(optimizer, tensors["optimizer"], state["optimizer"])
-        start = state["step"]
+    start, _ = _restore(folder, resume, optimizer, {"vae": vae})
     if start >= settings.vae_steps:
         return True
     vae.train()
@@ -253,6 +277,14 @@ def _encode_prompts(components: dict, captions: list[str]) -> torch.Tensor:
     return components["text_encoder"](tokens.input_ids)[0]
 
 
+def _object_weights(scenes, size: int, weight: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights [B, 1, size, size]: 1 + (weight - 1) x the largest object coverage
+    in the pixel's 3x3 neighbourhood, so the object and a rim of one latent pixel around it weigh most."""
+    cover = torch.from_numpy(np.stack([render.object_coverage(s, size) for s in scenes]))[:, None]
+    near = torch.nn.functional.max_pool2d(cover, 3, stride=1, padding=1)
+    return 1.0 + (weight - 1.0) * near
+
+
 def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, resume: bool, progress: bool,
                stopwatch: _Stopwatch, log) -> tuple[bool, dict]:
     """Phase 2: UNet and text encoder jointly on the VAE's latents. Returns (done, EMA weights)."""
@@ -272,15 +304,8 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
     )
     ema = {k: p.detach().clone() for k, p in params.items()}
     folder = run_dir / "checkpoints" / "unet"
-    start = 0
-    found = _read_checkpoint(folder) if resume else None
-    if found:
-        state, tensors = found
-        unet.load_state_dict(tensors["unet"])
-        text_encoder.load_state_dict(tensors["text_encoder"])
-        ema = tensors["ema"]
-        _load_optimizer(optimizer, tensors["optimizer"], state["optimizer"])
-        start = state["step"]
+    start, saved = _restore(folder, resume, optimizer, {"unet": unet, "text_encoder": text_encoder})
+    ema = saved.get("ema", ema)
     if start >= settings.unet_steps:
         return True, ema
     if stopwatch.expired():
@@ -293,7 +318,7 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
     step = start
     losses: list[float] = []
     while step < settings.unet_steps:
-        images, captions, _ = render.training_batch(settings.seed, step, settings.batch_size)
+        images, captions, scenes = render.training_batch(settings.seed, step, settings.batch_size)
         rng = np.random.default_rng([settings.seed, step, 7])
         captions = ["" if rng.random() < settings.caption_dropout else c for c in captions]
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
@@ -312,7 +337,10 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
             weight = torch.clamp(snr, max=settings.snr_gamma) / (snr + 1)
         else:
             weight = torch.ones_like(snr)
-        per_sample = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+        error = (pred.float() - target.float()) ** 2
+        if settings.object_weight != 1.0:
+            error = error * _object_weights(scenes, latents.shape[-1], settings.object_weight)
+        per_sample = error.mean(dim=(1, 2, 3))
         loss = (per_sample * weight).mean()
         lr = settings.learning_rate * min(1.0, (step + 1) / settings.warmup_steps)
         # Cosine decay over the last half of the run sharpens the final model.
@@ -417,6 +445,7 @@ def pretrain(
     fp16: bool = True,
     threads: int | None = None,
     stop_after_steps: int | None = None,
+    **settings_overrides,
 ) -> Path:
     """Train the shapes world's base model into `<output_dir>/pipeline` and return that folder.
 
@@ -434,6 +463,10 @@ def pretrain(
         settings.batch_size = batch_size
     if learning_rate is not None:
         settings.learning_rate = learning_rate
+    for name, value in settings_overrides.items():
+        if not hasattr(settings, name):
+            raise DreamtuneError(f"pretrain: unknown setting {name!r}; settings are {', '.join(asdict(settings))}")
+        setattr(settings, name, tuple(value) if name == "unet_channels" else value)
     for name in ("vae_steps", "unet_steps", "batch_size"):
         if getattr(settings, name) < 1:
             raise DreamtuneError(f"pretrain: {name} must be at least 1, got {getattr(settings, name)}")
@@ -449,7 +482,8 @@ def pretrain(
             fh.write(f"[{time.monotonic() - started:7.1f}s] {message}\n")
 
     phase_keys = {"vae": ("seed", "vae_batch_size"),
-                  "unet": ("seed", "batch_size", "text_hidden_size", "text_layers", "unet_channels")}
+                  "unet": ("seed", "batch_size", "text_hidden_size", "text_layers", "unet_channels", "max_length",
+                           "text_time_embedding", "attention_at_top")}
     for phase, keys in phase_keys.items():
         previous = run_dir / "checkpoints" / phase / "state.json"
         if resume and previous.exists():
@@ -505,13 +539,7 @@ def refine_decoder(run_dir: str | Path, *, steps: int = 1500, batch_size: int = 
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(decoder_params, lr=learning_rate, weight_decay=0.0)
     folder = run_dir / "checkpoints" / "decoder"
-    start = 0
-    found = _read_checkpoint(folder) if resume else None
-    if found:
-        state, tensors = found
-        vae.load_state_dict(tensors["vae"])
-        _load_optimizer(optimizer, tensors["optimizer"], state["optimizer"])
-        start = state["step"]
+    start, _ = _restore(folder, resume, optimizer, {"vae": vae})
     stopwatch = _Stopwatch(None, stop_after_steps)
     bar = _progress(steps, start, "decoder", progress)
     step = start

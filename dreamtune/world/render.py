@@ -240,6 +240,15 @@ def render(scene: Scene, resolution: int = RESOLUTION, supersample: int = SUPERS
     return np.clip(np.rint(small), 0, 255).astype(np.uint8)
 
 
+def object_coverage(scene: Scene, resolution: int, supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """The share of each pixel of a `resolution` image that the scene's object covers (float32, H x W)."""
+    x, y = _cached_grid(resolution, supersample)
+    cx, cy, radius = placement(scene, resolution)
+    inside = shape_mask(scene.cls, (x - cx) / radius, (y - cy) / radius).astype(np.float32)
+    n = resolution
+    return inside.reshape(n, supersample, n, supersample).mean(axis=(1, 3))
+
+
 def render_pil(scene: Scene, resolution: int = RESOLUTION):
     """Draw a scene as a PIL RGB image."""
     from PIL import Image
