@@ -28,13 +28,19 @@ def test_batches_are_deterministic_and_differ_by_index():
 
 
 def test_captions_leave_attributes_out_and_never_show_held_out_pairs():
-    _, captions, scenes = render.training_batch(0, 0, 400)
+    captions, scenes = [], []
+    for index in range(4):
+        _, more_captions, more_scenes = render.training_batch(0, index, 500)
+        captions += more_captions
+        scenes += more_scenes
     bare = [c for c, s in zip(captions, scenes) if c.removeprefix("a photo of ") in (f"a {s.cls}", f"an {s.cls}")]
     with_colour = [c for c, s in zip(captions, scenes) if f" {s.colour} " in f" {c} "]
     with_background = [c for c in captions if "background" in c]
     assert bare, "bare class captions ('a star') must occur"
     assert 0.5 < len(with_colour) / len(captions) < 0.9
     assert 0.4 < len(with_background) / len(captions) < 0.8
+    centred = sum(s.position == "center" for s in scenes) / len(scenes)
+    assert 0.3 < centred < 0.5  # the centre share plus the centre's turn among the nine positions
     assert all(s.cls in c for c, s in zip(captions, scenes))
     assert not any((s.colour, s.cls) in HELD_OUT for s in scenes)
     assert all(s.pattern == "plain" and s.colour != s.background for s in scenes)
