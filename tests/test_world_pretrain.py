@@ -65,3 +65,21 @@ def test_object_weights_cover_the_object_and_its_rim():
         assert rim.sum() > 0
         far = torch.nn.functional.max_pool2d(cover[None, None], 3, stride=1, padding=1)[0, 0] == 0
         assert far.sum() > 0 and torch.all(w[far] == 1.0)
+
+
+def test_runs_saved_before_a_setting_existed_keep_their_meaning(tmp_path):
+    import json
+
+    from dreamtune.world.pretrain import export_checkpoint
+
+    pretrain(tmp_path, stop_after_steps=3, text_time_embedding=False, max_length=77, **TINY)
+    state_file = tmp_path / "checkpoints" / "unet" / "state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("max_length", "text_time_embedding", "attention_at_top", "object_weight"):
+        del state["settings"][key]
+    state_file.write_text(json.dumps(state))
+    pipe_dir = export_checkpoint(tmp_path, tmp_path / "exported")
+    config = json.loads((pipe_dir / "unet" / "config.json").read_text())
+    assert config["addition_embed_type"] is None
+    with pytest.raises(DreamtuneError, match="max_length=77 differs from 32"):
+        pretrain(tmp_path, **TINY)  # today's defaults differ from what that run used

@@ -68,6 +68,17 @@ class PretrainSettings:
     object_weight: float = 5.0
 
 
+# What runs saved before a setting existed used instead of it.
+_EARLIER_DEFAULTS = {"max_length": 77, "text_time_embedding": False, "attention_at_top": False, "object_weight": 1.0}
+
+
+def _saved_settings(state_file: Path) -> PretrainSettings:
+    """The settings a checkpoint was trained with (settings added later take the value runs had before)."""
+    saved = {**_EARLIER_DEFAULTS, **json.loads(state_file.read_text())["settings"]}
+    known = set(asdict(PretrainSettings()))
+    return PretrainSettings(**{k: tuple(v) if k == "unet_channels" else v for k, v in saved.items() if k in known})
+
+
 def build_components(settings: PretrainSettings) -> dict:
     """Freshly initialised VAE, text encoder, tokenizer, UNet and training scheduler of the base model."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -487,9 +498,9 @@ def pretrain(
     for phase, keys in phase_keys.items():
         previous = run_dir / "checkpoints" / phase / "state.json"
         if resume and previous.exists():
-            saved = json.loads(previous.read_text())["settings"]
+            saved = _saved_settings(previous)
             for key in keys:
-                value = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
+                value = getattr(saved, key)
                 if value != getattr(settings, key):
                     raise DreamtuneError(
                         f"{previous}: saved {key}={value} differs from {getattr(settings, key)}; "
@@ -529,8 +540,7 @@ def refine_decoder(run_dir: str | Path, *, steps: int = 1500, batch_size: int = 
         raise DreamtuneError(f"{run_dir}: the VAE phase has no checkpoint yet; run pretrain first")
     if threads:
         torch.set_num_threads(threads)
-    saved = json.loads((vae_dir / "state.json").read_text())["settings"]
-    settings = PretrainSettings(**{k: tuple(v) if k == "unet_channels" else v for k, v in saved.items()})
+    settings = _saved_settings(vae_dir / "state.json")
     vae = build_components(settings)["vae"]
     vae.load_state_dict(load_file(str(vae_dir / "vae.safetensors")))
     vae.requires_grad_(False)
@@ -587,8 +597,7 @@ def export_checkpoint(run_dir: str | Path, destination: str | Path, *, fp16: boo
     unet_dir = run_dir / "checkpoints" / "unet"
     if not vae_state.exists() or not (unet_dir / "state.json").exists():
         raise DreamtuneError(f"{run_dir}: no finished VAE phase and UNet checkpoint to export yet")
-    saved = json.loads((unet_dir / "state.json").read_text())["settings"]
-    settings = PretrainSettings(**{k: tuple(v) if k == "unet_channels" else v for k, v in saved.items()})
+    settings = _saved_settings(unet_dir / "state.json")
     components = build_components(settings)
     components["vae"].load_state_dict(load_file(str(run_dir / "checkpoints" / "vae" / "vae.safetensors")))
     components["vae"].register_to_config(scaling_factor=_latent_scale(components["vae"], settings))
