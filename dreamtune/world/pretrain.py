@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,9 @@ class PretrainSettings:
     # It may change between resumed parts of a run.
     object_weight: float = 5.0
 
+    def __post_init__(self):
+        self.unet_channels = tuple(self.unet_channels)  # JSON gives back a list
+
 
 # What runs saved before a setting existed used instead of it.
 _EARLIER_DEFAULTS = {"max_length": 77, "text_time_embedding": False, "attention_at_top": False, "object_weight": 1.0}
@@ -76,7 +79,7 @@ def _saved_settings(state_file: Path) -> PretrainSettings:
     """The settings a checkpoint was trained with (settings added later take the value runs had before)."""
     saved = {**_EARLIER_DEFAULTS, **json.loads(state_file.read_text())["settings"]}
     known = set(asdict(PretrainSettings()))
-    return PretrainSettings(**{k: tuple(v) if k == "unet_channels" else v for k, v in saved.items() if k in known})
+    return PretrainSettings(**{k: v for k, v in saved.items() if k in known})
 
 
 def build_components(settings: PretrainSettings) -> dict:
@@ -474,10 +477,10 @@ def pretrain(
         settings.batch_size = batch_size
     if learning_rate is not None:
         settings.learning_rate = learning_rate
-    for name, value in settings_overrides.items():
+    for name in settings_overrides:
         if not hasattr(settings, name):
             raise DreamtuneError(f"pretrain: unknown setting {name!r}; settings are {', '.join(asdict(settings))}")
-        setattr(settings, name, tuple(value) if name == "unet_channels" else value)
+    settings = replace(settings, **settings_overrides)
     for name in ("vae_steps", "unet_steps", "batch_size"):
         if getattr(settings, name) < 1:
             raise DreamtuneError(f"pretrain: {name} must be at least 1, got {getattr(settings, name)}")

@@ -222,31 +222,36 @@ def _cached_grid(resolution: int, supersample: int) -> tuple[np.ndarray, np.ndar
     return _GRIDS[key]
 
 
-def render(scene: Scene, resolution: int = RESOLUTION, supersample: int = SUPERSAMPLE) -> np.ndarray:
-    """Draw a scene as an RGB uint8 array of shape (resolution, resolution, 3)."""
+def _object_coords(scene: Scene, resolution: int, supersample: int) -> tuple[np.ndarray, np.ndarray]:
+    """Object coordinates (units of the object radius) of every supersample point of the image."""
     x, y = _cached_grid(resolution, supersample)
     cx, cy, radius = placement(scene, resolution)
-    u = (x - cx) / radius
-    v = (y - cy) / radius
+    return (x - cx) / radius, (y - cy) / radius
+
+
+def _downsample(canvas: np.ndarray, resolution: int, supersample: int) -> np.ndarray:
+    """Box-average supersample x supersample blocks of a (resolution * supersample)-sized array."""
+    n = resolution
+    return canvas.reshape(n, supersample, n, supersample, *canvas.shape[2:]).mean(axis=(1, 3))
+
+
+def render(scene: Scene, resolution: int = RESOLUTION, supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """Draw a scene as an RGB uint8 array of shape (resolution, resolution, 3)."""
+    u, v = _object_coords(scene, resolution, supersample)
     inside = shape_mask(scene.cls, u, v)
-    canvas = np.empty(x.shape + (3,), dtype=np.float32)
+    canvas = np.empty(u.shape + (3,), dtype=np.float32)
     canvas[:] = PALETTE[scene.background]
     canvas[inside] = PALETTE[scene.colour]
     if scene.pattern != "plain":
         second = inside & pattern_mask(scene.pattern, u, v)
         canvas[second] = PALETTE[scene.colour2 or scene.colour]
-    n = resolution
-    small = canvas.reshape(n, supersample, n, supersample, 3).mean(axis=(1, 3))
-    return np.clip(np.rint(small), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(_downsample(canvas, resolution, supersample)), 0, 255).astype(np.uint8)
 
 
 def object_coverage(scene: Scene, resolution: int, supersample: int = SUPERSAMPLE) -> np.ndarray:
     """The share of each pixel of a `resolution` image that the scene's object covers (float32, H x W)."""
-    x, y = _cached_grid(resolution, supersample)
-    cx, cy, radius = placement(scene, resolution)
-    inside = shape_mask(scene.cls, (x - cx) / radius, (y - cy) / radius).astype(np.float32)
-    n = resolution
-    return inside.reshape(n, supersample, n, supersample).mean(axis=(1, 3))
+    inside = shape_mask(scene.cls, *_object_coords(scene, resolution, supersample))
+    return _downsample(inside.astype(np.float32), resolution, supersample)
 
 
 def render_pil(scene: Scene, resolution: int = RESOLUTION):
