@@ -79,3 +79,31 @@ def test_quality_measure_runs_on_a_few_samples(pipe):
     assert held["samples"] == 3
     assert all(0.0 <= held[k] <= 1.0 for k in ("class", "colour", "background"))
     assert "held_out" in format_quality(result)
+
+
+def test_demo_runs_a_short_personalization_on_the_shipped_model(tmp_path, capsys):
+    import hashlib
+
+    from dreamtune.cli import main
+
+    def digest():
+        return {p.relative_to(MODEL_DIR).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in MODEL_DIR.rglob("*.safetensors")}
+
+    before = digest()
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "5", "--method", "dreambooth", "--subject", "banded_triangle",
+                 "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "NOTE" not in printed  # the shipped model, not the stand-in
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["subject"] == "banded_triangle"
+    assert [m["name"] for m in metrics["models"]] == ["base model", "dreambooth"]
+    for m in metrics["models"]:
+        assert 0.0 <= m["subject_fidelity"] <= 1.0 and 0.0 <= m["prompt_fidelity"] <= 1.0
+    assert "dreambooth" in printed and (out / "grid.png").stat().st_size > 0
+    assert "<table>" in (out / "report.html").read_text()
+    assert digest() == before  # personalizing never writes into the shipped model
+    # A second run into the same folder is refused rather than overwriting it.
+    assert main(["demo", "--steps", "5", "--method", "dreambooth", "--output-dir", str(out)]) != 0
+    assert "--overwrite" in capsys.readouterr().err
