@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     demo.add_argument("--subject", default="striped_star", help="Shipped subject to learn (see `dreamtune world subjects --list`).")
     demo.add_argument("--method", default="all",
                       help="'dreambooth', 'custom_diffusion', or 'all' (every available method side by side).")
-    demo.add_argument("--steps", type=int, default=None, help="Training steps per method (default: each method's demo setting).")
+    demo.add_argument("--steps", type=int, default=None, help="Training steps per method (default: each method's demo setting, DreamBooth 400). "
+                      "The finer patterns (banded_triangle, dashed_ring, checker_square) want about 800.")
     demo.add_argument("--output-dir", default="dreamtune-demo", help="Folder for the runs, the grid and the report.")
     demo.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     demo.add_argument("--seed", type=int, default=0, help="Seed for training and sampling.")
