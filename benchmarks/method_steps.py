@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+
+from dreamtune.world.subjects import write_subject_images
 
 # method -> (identifier, extra config); CD and TI learn a new token, the others use a rare word.
 VARIANTS = {
@@ -96,15 +97,6 @@ def available_variants(names: list[str] | None) -> list[str]:
     return chosen
 
 
-def subject_images(folder: Path, size: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(4):
-        image = Image.new("RGB", (size, size), (60 * i, 120, 200))
-        ImageDraw.Draw(image).ellipse([size // 8 + i, size // 8, size // 2 + i, size // 2], fill=(230, 30, 30))
-        image.save(folder / f"{i}.png")
-    return folder
-
-
 def make_config(variant: str, model_dir: Path, work: Path, out: Path, args, steps: int):
     from dreamtune.config import load_config
 
@@ -151,7 +143,7 @@ def bench(name: str, pipe, args) -> dict:
         work = Path(tmp)
         model_dir = work / "model"
         pipe.save_pretrained(model_dir, safe_serialization=True)
-        subject_images(work / "subject", args.resolution)
+        write_subject_images("striped_star", work / "subject", resolution=args.resolution)
         for variant in variants:
             trained, unet_params = trainable_share(variant, model_dir, work, args)
             results[variant].update(trainable=trained, unet_params=unet_params)

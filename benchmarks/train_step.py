@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+
+from dreamtune.world.subjects import write_subject_images
 
 
 def sd15_pipeline(text_layers: int = 12):
@@ -45,15 +46,6 @@ def sd15_pipeline(text_layers: int = 12):
                               steps_offset=1, clip_sample=False)
     return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-def subject_images(folder: Path, size: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(4):
-        image = Image.new("RGB", (size, size), (60 * i, 120, 200))
-        ImageDraw.Draw(image).ellipse([size // 8 + i, size // 8, size // 2 + i, size // 2], fill=(230, 30, 30))
-        image.save(folder / f"{i}.png")
-    return folder
 
 
 def loop_seconds(model_dir: Path, work: Path, resolution: int, batch: int, steps: int, cached: bool,
@@ -120,7 +112,7 @@ def bench(name: str, pipe, resolution: int, batch: int, steps: int, device: str,
         work = Path(tmp)
         model_dir = work / "model"
         pipe.save_pretrained(model_dir, safe_serialization=True)
-        subject_images(work / "subject", resolution)
+        write_subject_images("striped_star", work / "subject", resolution=resolution)
         bare = bare_seconds(pipe, resolution, batch, steps, device, mixed_precision)
         loop = loop_seconds(model_dir, work, resolution, batch, steps, True, mixed_precision)
         uncached = loop_seconds(model_dir, work, resolution, batch, steps, False, mixed_precision)

@@ -31,5 +31,6 @@ def test_dreambooth_learns_the_subject_and_prior_preservation_limits_drift(tmp_p
         scores[prior], _ = score_model(f"prior={prior}", load_pipeline(None, result.artifact_dir), subject, "sks",
                                        seed=0)
     assert scores[True].subject_fidelity > base_scores.subject_fidelity + 0.2
+    assert scores[True].prompt_fidelity > base_scores.prompt_fidelity - 0.1  # the prompts still work
     assert scores[False].subject_fidelity > base_scores.subject_fidelity + 0.2
     assert scores[True].language_drift < scores[False].language_drift
