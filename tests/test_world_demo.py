@@ -6,10 +6,7 @@ import pytest
 
 from dreamtune.world import MODEL_DIR
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (MODEL_DIR / "model_index.json").exists(), reason="shipped model missing"),
-]
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("subject_name", ["striped_star", "split_heart"])

@@ -226,6 +226,9 @@ def run_demo(subject: str = "striped_star", method: str = "all", steps: int | No
 
     chosen = get_subject(subject)
     methods = _methods(method)
+    if not (MODEL_DIR / "model_index.json").exists():
+        raise DreamtuneError(f"the shapes-world base model is missing from {MODEL_DIR}; reinstall dreamtune "
+                             "(`pip install -c constraints.txt -e .` in a clone) to get it back")
     out = Path(output_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -234,34 +237,23 @@ def run_demo(subject: str = "striped_star", method: str = "all", steps: int | No
     say = (lambda *a: None) if quiet else print
     _quiet_libraries()
     started = time.monotonic()
-    base_dir = MODEL_DIR
-    if not (MODEL_DIR / "model_index.json").exists():
-        # Until a shapes-world model that meets its quality bar ships, the demo still runs the whole job
-        # end to end, on a tiny randomly initialised pipeline: it shows the steps, not a learned subject.
-        from ..tiny import save_tiny_pipeline
-
-        base_dir = save_tiny_pipeline(out / "stand-in-model", seed=seed)
-        say("NOTE: this installation has no shapes-world base model yet; the demo runs end to end on a tiny "
-            "randomly initialised in-process model instead, so its numbers do not show personalization.")
-        if steps is None:
-            steps = 30
     instance_dir = out / "subject"
     write_subject_images(chosen, instance_dir)
     say(f"subject {chosen.name}: {chosen.description}; {len(chosen.reference_scenes())} images in {instance_dir}")
 
     rows: list[ModelScores] = []
     samples: dict[str, dict] = {}
-    base = load_pipeline(str(base_dir))
+    base = load_pipeline(str(MODEL_DIR))
     scores, samples["base model"] = score_model("base model", base, chosen, "sks", seed=seed, progress=progress)
     rows.append(scores)
     del base
     for name in methods:
         config = train_config(chosen, name, instance_dir, out / "class_images", out / name, steps=steps, seed=seed,
-                              base_model=base_dir)
+                              base_model=MODEL_DIR)
         t0 = time.monotonic()
         result = train(config, overwrite=True, progress=progress)
         seconds = time.monotonic() - t0
-        pipe = load_pipeline(str(base_dir), result.artifact_dir)
+        pipe = load_pipeline(str(MODEL_DIR), result.artifact_dir)
         identifier = config.concepts[0].identifier
         scores, samples[name] = score_model(name, pipe, chosen, identifier, seed=seed, progress=progress)
         scores.train_seconds = seconds
