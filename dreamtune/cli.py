@@ -51,7 +51,7 @@ def _add_train_parser(subparsers) -> None:
     for section, rows in sections.items():
         epilog.append(f"\n  [{section}]")
         for name, default, help_text in rows:
-            epilog.append(f"    {name} = {default!r}\n        {help_text}")
+            epilog.append(f"    {name} = {'(per method)' if default is None else repr(default)}\n        {help_text}")
     p = subparsers.add_parser(
         "train",
         help="train a personalized model from a TOML config",
@@ -71,12 +71,13 @@ def _add_train_parser(subparsers) -> None:
         if not f.metadata.get("flag"):
             continue
         default = f.default
-        if isinstance(default, bool):
+        if f.type in ("bool", "bool | None"):
             p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{f.metadata['help']} (default: {default})")
         else:
+            shown = "the method's" if default is None else repr(default)
             p.add_argument(_flag(f.name), dest=f.name, default=None, metavar=f.name.upper(),
-                           help=f"{f.metadata['help']} (default: {default!r})")
+                           help=f"{f.metadata['help']} (default: {shown})")
     for name, help_text in (("instance_data_dir", "folder of the subject's images (first concept)"),
                             ("identifier", "the subject's rare identifier, e.g. sks (first concept)"),
                             ("class_noun", "the subject's class, e.g. dog (first concept)"),

@@ -87,10 +87,21 @@ def set_attention(unet, kind: str) -> None:
         unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
 
 
-def make_optimizer(param_groups: list[dict], config: TrainConfig, scale: float) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' 8-bit AdamW) over the method's parameter groups."""
-    for group in param_groups:
-        group["lr"] = group["lr"] * scale
+def learning_rates(config: TrainConfig, num_processes: int) -> tuple[float, float]:
+    """The learning rates of the method's main parameters and of the text encoder's, scaled.
+
+    The one place a learning rate is decided: `learning_rate` (the method's default unless set),
+    `text_encoder_lr` for text-encoder groups when set, both multiplied by batch size x accumulation
+    x processes when `scale_lr` is on.
+    """
+    scale = config.train_batch_size * config.gradient_accumulation_steps * num_processes if config.scale_lr else 1.0
+    return config.learning_rate * scale, (config.text_encoder_lr or config.learning_rate) * scale
+
+
+def make_optimizer(param_groups: list[dict], config: TrainConfig, num_processes: int) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW) over the method's parameter groups, at `learning_rates`."""
+    main_lr, text_lr = learning_rates(config, num_processes)
+    param_groups = [{"params": g["params"], "lr": text_lr if g.get("text_encoder") else main_lr} for g in param_groups]
     kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
                   eps=config.adam_epsilon)
     if config.use_8bit_adam:
@@ -271,8 +282,7 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: str | None = 
                       device=accelerator.device, dtype=weight_dtype, seed=config.seed)
 
     world = accelerator.num_processes
-    scale = config.train_batch_size * config.gradient_accumulation_steps * world if config.scale_lr else 1.0
-    optimizer = make_optimizer(param_groups, config, scale)
+    optimizer = make_optimizer(param_groups, config, world)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_train_steps)
     unet = components.unet

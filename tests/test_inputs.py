@@ -47,6 +47,25 @@ def test_overrides_and_method_defaults(tmp_path):
         load_config(None, overrides=["max_train_steps"])
 
 
+@pytest.mark.parametrize("method", ["dreambooth", "custom_diffusion", "textual_inversion", "lora"])
+def test_python_and_loaded_configs_resolve_alike(method, tmp_path):
+    from dreamtune.config import TrainConfig, config_to_toml
+    from dreamtune.methods import get_method
+    from dreamtune.training import learning_rates
+
+    built, loaded = TrainConfig(method=method), load_config(None, method=method)
+    assert built == loaded
+    defaults = get_method(method).defaults
+    assert built.learning_rate == defaults["learning_rate"] and built.max_train_steps == defaults["max_train_steps"]
+    # The written config reads back as the same config; an explicit value beats the method's default.
+    path = tmp_path / "config.toml"
+    path.write_text(config_to_toml(built))
+    assert load_config(path) == built
+    assert TrainConfig(method=method, learning_rate=3e-3).learning_rate == 3e-3
+    assert learning_rates(built, 2) == (
+        (built.learning_rate * built.train_batch_size * 2,) * 2 if built.scale_lr else (built.learning_rate,) * 2)
+
+
 def _write(path, image: Image.Image):
     image.save(path)
     return path

@@ -9,7 +9,8 @@ def main() -> None:
         if sec != section:
             section = sec
             print(f"\n**{sec}**\n\n| option | default | what it does |\n|---|---|---|")
-        print(f"| `{name}` | `{default!r}` | {help_text} |")
+        shown = "per method" if default is None else f"`{default!r}`"
+        print(f"| `{name}` | {shown} | {help_text} |")
 
 
 if __name__ == "__main__":

@@ -309,9 +309,9 @@ def cell_config(spec: BenchSpec, subject: BenchSubject, label: str, run_dir: Pat
 
 
 def _known_methods() -> tuple[str, ...]:
-    from ..config import METHODS
+    from ..methods import METHODS
 
-    return METHODS
+    return tuple(METHODS)
 
 
 def _hash(obj: Any) -> str:

@@ -58,6 +58,12 @@ class Method:
     name: ClassVar[str] = ""
     #: True when the artifact is a full diffusers pipeline rather than weights applied to a base.
     full_pipeline_artifact: ClassVar[bool] = False
+    #: The values of the options the schema leaves to the method (`config.method_default_options()`).
+    #: A subclass overrides some with `defaults = {**Method.defaults, ...}`.
+    defaults: ClassVar[dict[str, Any]] = {
+        "learning_rate": 5e-6, "scale_lr": False, "max_train_steps": 400, "train_batch_size": 1,
+        "num_class_images": 100, "augment": "off",
+    }
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -107,10 +113,12 @@ class Method:
         """Load an artifact folder into a pipeline in place, with diffusers' own loaders where possible."""
         raise NotImplementedError
 
-    def param_groups(self, unet_params, text_params=()) -> list[dict]:
-        """Parameter groups with the text encoder's own learning rate when one is set."""
-        groups = [{"params": list(unet_params), "lr": self.config.learning_rate}]
-        text_params = list(text_params)
-        if text_params:
-            groups.append({"params": text_params, "lr": self.config.text_encoder_lr or self.config.learning_rate})
+    @staticmethod
+    def param_groups(main_params, text_params=()) -> list[dict]:
+        """The non-empty parameter groups: the method's main parameters, then the text encoder's.
+
+        The optimizer gives the second group `text_encoder_lr` when one is set (see
+        `dreamtune.training.make_optimizer`, the one place learning rates are decided).
+        """
+        groups = [{"params": list(main_params)}, {"params": list(text_params), "text_encoder": True}]
         return [g for g in groups if g["params"]]

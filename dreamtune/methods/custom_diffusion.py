@@ -90,6 +90,8 @@ class CustomDiffusion(Method):
     """Cross-attention K/V (or all cross-attention projections) plus modifier-token embeddings."""
 
     name = "custom_diffusion"
+    defaults = {**Method.defaults, "learning_rate": 1e-5, "scale_lr": True, "max_train_steps": 250,
+                "train_batch_size": 2, "num_class_images": 200, "augment": "on"}
 
     def __init__(self, config):
         super().__init__(config)

@@ -77,6 +77,7 @@ class LoRA(Method):
     """Low-rank adapters on the UNet (and optionally the text encoder); the base model stays bit-identical."""
 
     name = "lora"
+    defaults = {**Method.defaults, "learning_rate": 1e-4, "max_train_steps": 500}
 
     @property
     def rank(self) -> int:

@@ -67,6 +67,7 @@ class TextualInversion(Method):
     """New token embeddings only; the model itself stays bit-identical."""
 
     name = "textual_inversion"
+    defaults = {**Method.defaults, "learning_rate": 5e-4, "scale_lr": True, "max_train_steps": 2000}
 
     def __init__(self, config):
         super().__init__(config)
@@ -101,7 +102,7 @@ class TextualInversion(Method):
         width = self.token_rows.weight.shape[1]
         logger.info("textual_inversion: training %d vectors of width %d for %s", len(ids), width, ", ".join(self.tokens))
         # The embeddings are the method's main parameters: they take learning_rate, not text_encoder_lr.
-        return [{"params": [self.token_rows.weight], "lr": self.config.learning_rate}]
+        return self.param_groups([self.token_rows.weight])
 
     def trains_text_encoder(self, components: Components) -> bool:
         return True
