@@ -32,7 +32,9 @@ class ArtifactInfo:
     @property
     def is_full_pipeline(self) -> bool:
         """True when the artifact is a whole diffusers pipeline (it replaces the base model)."""
-        return (self.path / "model_index.json").is_file()
+        from .methods import get_method
+
+        return get_method(self.method).full_pipeline_artifact
 
 
 def metadata(method: str, base_model: str, tokens: list[str] | None = None, **extra) -> dict:

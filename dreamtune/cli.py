@@ -13,11 +13,17 @@ from .config import ConfigError, TrainConfig, options_help
 from .errors import DreamtuneError
 
 # Modules that add their own subcommands through `register(subparsers)`; a missing one is skipped.
+# A method's own commands (Custom Diffusion's merge and retrieve) come from the method registry.
 EXTENSIONS = (
     "dreamtune.evaluate.cli",
-    "dreamtune.cd_cli",
     "dreamtune.world.cli",
 )
+
+
+def _extensions() -> list[str]:
+    from .methods import get_method, method_names
+
+    return list(EXTENSIONS) + [m for name in method_names() for m in get_method(name).commands]
 
 
 def _quiet_libraries() -> None:
@@ -47,7 +53,8 @@ def _add_train_parser(subparsers) -> None:
     sections: dict[str, list] = {}
     for section, name, default, help_text in options_help():
         sections.setdefault(section, []).append((name, default, help_text))
-    epilog = ["every option (set in the TOML file or with --set key=value; concept options in [[concepts]] tables):"]
+    epilog = ["every option (set in the TOML file or with --set key=value; concept options in [[concepts]] tables,",
+              "a method's own options in its table, e.g. [lora] rank = 8 or --set lora.rank=8):"]
     for section, rows in sections.items():
         epilog.append(f"\n  [{section}]")
         for name, default, help_text in rows:
@@ -217,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    for module_name in EXTENSIONS:
+    for module_name in _extensions():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:

@@ -118,45 +118,84 @@ class TrainConfig:
     validation_guidance_scale: float = opt(7.5, "Guidance scale for validation.", min=0.0, section="validation")
     logging_steps: int = opt(1, "Log loss and lr every N steps.", min=1, section="run")
     report_to: str = opt("csv", "Where to log: 'csv' always; 'tensorboard' or 'wandb' as well.", choices=("csv", "tensorboard", "wandb"), section="run")
-    # Custom Diffusion
-    train_params: str = opt("crossattn_kv", "Custom Diffusion: cross-attention key/value projections ('crossattn_kv') or all cross-attention projections ('crossattn').", choices=("crossattn_kv", "crossattn"), section="custom_diffusion")
-    compress_rank: int = opt(0, "Custom Diffusion: keep only the top singular values of each weight delta in the artifact (0: full).", min=0, section="custom_diffusion")
-    # Textual Inversion
-    num_vectors: int = opt(1, "Textual Inversion: embedding vectors per new token.", min=1, section="textual_inversion")
-    # LoRA
-    lora_rank: int = opt(4, "LoRA rank.", min=1, section="lora")
-    lora_alpha: float = opt(0.0, "LoRA alpha (0: equal to the rank).", min=0.0, section="lora")
-    lora_target_modules: list = opt(["to_k", "to_q", "to_v", "to_out.0"], "UNet modules that get LoRA adapters.", section="lora")
-    lora_dropout: float = opt(0.0, "LoRA dropout.", min=0.0, max=1.0, section="lora")
     # concepts
     concepts: list = field(default_factory=list, metadata={"help": "The concepts ([[concepts]] tables).", "section": "concepts"})
+    # the method's own options
+    method_options: Any = field(default=None, metadata={
+        "help": "The method's own options (its Options dataclass, or a mapping of them): the [<method>] table.",
+        "section": "method"})
 
     def __post_init__(self) -> None:
         self.concepts = [c if isinstance(c, ConceptConfig) else concept_from_dict(c) for c in self.concepts]
-        resolve_method_defaults(self)
+        resolve_method(self)
 
     @property
     def augment_enabled(self) -> bool:
         return self.augment == "on"
 
 
+#: TrainConfig fields that are not plain options (not flat TOML keys or flags).
+STRUCTURED = ("concepts", "method_options")
+
+
 def method_default_options() -> list[str]:
     """The options whose default depends on the method (None in the schema until resolved)."""
-    return [f.name for f in dataclasses.fields(TrainConfig) if f.default is None]
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.default is None and f.name not in STRUCTURED]
 
 
-def resolve_method_defaults(config: TrainConfig) -> None:
-    """Fill the options left unset (None, or augment = 'auto') with the method's defaults, in place.
+def resolve_method(config: TrainConfig) -> None:
+    """Fill what the method decides, in place: unset options (None, or augment = 'auto') and its Options.
 
     Every way of building a config (`load_config`, `TrainConfig(...)` in Python, the CLI, a bench
     cell) passes through here once, from `TrainConfig.__post_init__`, so they resolve alike.
     """
     from .methods import get_method
 
-    defaults = get_method(config.method).defaults
+    method = get_method(config.method)
     for name in method_default_options():
         if getattr(config, name) in (None, "auto"):
-            setattr(config, name, defaults[name])
+            setattr(config, name, method.defaults[name])
+    config.method_options = method_options_from(method, config.method_options, f"[{config.method}]")
+
+
+def method_options_from(method, value: Any, where: str) -> Any:
+    """A method's Options from None (its defaults), a mapping (checked like a TOML table) or an instance."""
+    if method.Options is None:
+        if value:
+            raise ConfigError(f"{where}: method '{method.name}' has no options of its own.")
+        return None
+    if value is None:
+        return method.Options()
+    if isinstance(value, method.Options):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table of {method.name} options, got {value!r}.")
+    known = _fields(method.Options)
+    for k in value:
+        if k not in known:
+            raise ConfigError(f"{where}: unknown {method.name} option '{k}'.{_suggest(k, known)}")
+    return method.Options(**{k: coerce(method.Options, k, v, where) for k, v in value.items()})
+
+
+def is_option(key: str) -> bool:
+    """True when `key` may appear at the top of a config: an option, a method's table or its flat key."""
+    from .methods import method_names
+
+    return (key in _fields(TrainConfig) and key != "method_options") or key in method_names() \
+        or _method_option(key, TrainConfig.method) is not None
+
+
+def _method_option(key: str, method: str) -> tuple[str, str] | None:
+    """The (method, option) a flat key such as `lora_rank` or `num_vectors` names; the run's method first."""
+    from .methods import get_method, method_names
+
+    for name in [method] + [m for m in method_names() if m != method]:
+        options = get_method(name).Options
+        fields = _fields(options) if options is not None else {}
+        for option in (key, key.removeprefix(f"{name}_")):
+            if option in fields:
+                return name, option
+    return None
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -234,11 +273,23 @@ def concept_from_dict(d: dict, where: str = "concepts") -> ConceptConfig:
 
 def config_from_dict(d: dict, where: str = "config") -> TrainConfig:
     """Build a TrainConfig from a mapping (a parsed TOML file), checking every key, type and range."""
-    known = _fields(TrainConfig)
+    from .methods import method_names
+
+    known = {k: f for k, f in _fields(TrainConfig).items() if k != "method_options"}
+    method = str(d.get("method", TrainConfig.method))
     values: dict[str, Any] = {}
+    tables: dict[str, dict] = {}
     for k, v in d.items():
+        if k in method_names() and isinstance(v, dict):
+            tables.setdefault(k, {}).update(v)
+            continue
         if k not in known:
-            raise ConfigError(f"{where}: unknown option '{k}'.{_suggest(k, known)}")
+            owner = _method_option(k, method)
+            if owner is None:
+                raise ConfigError(f"{where}: unknown option '{k}'.{_suggest(k, known)}")
+            # The flat spelling of earlier versions; the method's table wins when both are given.
+            tables.setdefault(owner[0], {}).setdefault(owner[1], v)
+            continue
         if k == "concepts":
             if isinstance(v, dict):
                 v = [v]
@@ -247,16 +298,26 @@ def config_from_dict(d: dict, where: str = "config") -> TrainConfig:
             values[k] = [concept_from_dict(c, f"{where}: concepts[{i}]") for i, c in enumerate(v)]
         else:
             values[k] = coerce(TrainConfig, k, v, where)
+    # A file may carry the tables of several methods (switch with --method); each is checked, the run's is kept.
+    from .methods import get_method
+
+    for name, table in tables.items():
+        options = method_options_from(get_method(name), table, f"{where}: [{name}]")
+        if name == method:
+            values["method_options"] = options
     return TrainConfig(**values)
 
 
 def apply_override(config_dict: dict, assignment: str) -> None:
-    """Apply one `key=value` (or `concepts.0.key=value`) override to a config mapping in place."""
+    """Apply one `key=value` (`concepts.0.key=value`, `<method>.key=value`) override to a config mapping in place."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. --set learning_rate=1e-5.")
     key, value = assignment.split("=", 1)
     key = key.strip()
-    if key.startswith("concepts."):
+    if "." in key and not key.startswith("concepts."):
+        table, option = key.split(".", 1)
+        config_dict.setdefault(table, {})[option] = value
+    elif key.startswith("concepts."):
         parts = key.split(".")
         if len(parts) != 3 or not parts[1].isdigit():
             raise ConfigError(f"--set {assignment!r}: concept options are set as concepts.<index>.<option>=value.")
@@ -303,13 +364,18 @@ def config_to_toml(config: TrainConfig) -> str:
     lines = ["# dreamtune resolved config: every option, defaults written out.", ""]
     section = None
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "concepts":
+        if f.name in STRUCTURED:
             continue
         if f.metadata["section"] != section:
             section = f.metadata["section"]
             lines.append(f"# --- {section} ---")
         lines.append(f"# {f.metadata['help']}")
         lines.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
+    if config.method_options is not None:
+        lines += ["", f"[{config.method}]"]
+        for f in dataclasses.fields(config.method_options):
+            lines.append(f"# {f.metadata['help']}")
+            lines.append(f"{f.name} = {_toml_value(getattr(config.method_options, f.name))}")
     for c in config.concepts:
         lines += ["", "[[concepts]]"]
         for f in dataclasses.fields(ConceptConfig):
@@ -319,20 +385,25 @@ def config_to_toml(config: TrainConfig) -> str:
 
 def method_defaults_text(name: str) -> str:
     """One option's default for each registered method, e.g. "dreambooth 5e-06, lora 0.0001"."""
-    from .methods import METHODS, get_method
+    from .methods import get_method, method_names
 
-    return ", ".join(f"{m} {get_method(m).defaults[name]!r}" for m in METHODS)
+    return ", ".join(f"{m} {get_method(m).defaults[name]!r}" for m in method_names())
 
 
 def options_help() -> list[tuple[str, str, Any, str]]:
     """(section, name, default, help) for every option, for the CLI's --help and the README.
 
     The default is None for options whose default is the method's; their help lists each method's.
+    A method's own options come under the section `[<method>]`.
     """
+    from .methods import get_method, method_names
+
     rows = []
-    for cls in (TrainConfig, ConceptConfig):
+    classes = [(None, TrainConfig)] + [(f"[{m}]", get_method(m).Options) for m in method_names()
+                                        if get_method(m).Options is not None] + [(None, ConceptConfig)]
+    for table, cls in classes:
         for f in dataclasses.fields(cls):
-            if f.name == "concepts":
+            if f.name in STRUCTURED:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_text = f.metadata["help"]
@@ -340,5 +411,5 @@ def options_help() -> list[tuple[str, str, Any, str]]:
                 help_text += f" Default: {method_defaults_text(f.name)}."
             if f.metadata.get("choices"):
                 help_text += f" One of: {', '.join(f.metadata['choices'])}."
-            rows.append((f.metadata["section"], f.name, default, help_text))
+            rows.append((table or f.metadata["section"], f.name, default, help_text))
     return rows

@@ -6,6 +6,10 @@ from pathlib import Path
 
 from .artifacts import ArtifactInfo, safetensors_metadata
 from .errors import DreamtuneError
+from .methods import get_method, method_names
+
+#: `dreamtune export --format` values; a method lists those its artifacts support in `Method.exports`.
+FORMATS = ("single-file", "kohya")
 
 
 def export(info: ArtifactInfo, fmt: str, out: Path, *, base: str | None = None, half: bool = False,
@@ -23,26 +27,26 @@ def export(info: ArtifactInfo, fmt: str, out: Path, *, base: str | None = None, 
         raise DreamtuneError(f"--out '{out}' exists: pass --overwrite or choose another name.")
     meta = safetensors_metadata({"method": info.method, "base_model": info.base_model, "tokens": info.tokens,
                                  "dreamtune_version": info.version})
+    if fmt not in FORMATS:
+        raise DreamtuneError(f"--format {fmt!r}: one of {', '.join(FORMATS)}.")
+    supported = [m for m in method_names() if fmt in get_method(m).exports]
+    if fmt not in get_method(info.method).exports:
+        raise DreamtuneError(
+            f"{info.path}: {fmt} export is for {', '.join(supported)} artifacts; this one is {info.method}, which "
+            "loads in diffusers as it is (see the README), and A1111 reads token embeddings as they are."
+        )
     if fmt == "kohya":
-        if info.method != "lora":
-            raise DreamtuneError(f"{info.path}: kohya export is for LoRA artifacts; this one is {info.method}.")
         from .kohya import export_kohya
 
         return export_kohya(info.path, out)
-    if fmt != "single-file":
-        raise DreamtuneError(f"--format {fmt!r}: one of single-file, kohya.")
-    if info.method not in ("dreambooth", "lora"):
-        raise DreamtuneError(
-            f"{info.path}: single-file export is for DreamBooth and LoRA; a {info.method} artifact loads in "
-            "diffusers as it is (see the README), and A1111 reads its token embeddings."
-        )
     import torch
 
     from .pipeline import load_pipeline
     from .single_file import export_single_file
 
     pipe = load_pipeline(None if info.is_full_pipeline else (base or info.base_model), info.path)
-    if info.method == "lora":
+    if pipe.get_list_adapters():
+        # Adapters (LoRA) are folded into the weights: a single file holds plain weights only.
         pipe.fuse_lora()
         pipe.unload_lora_weights()
     return export_single_file(pipe, out, dtype=torch.float16 if half else None, metadata=meta)

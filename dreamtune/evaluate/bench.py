@@ -78,7 +78,6 @@ logger = logging.getLogger(__name__)
 Scorer = Callable[[list, list, "BenchSubject"], dict]
 SCORERS: dict[str, Scorer] = {}
 TABLE_METRICS = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"))
-NEW_TOKEN_METHODS = ("custom_diffusion", "textual_inversion")
 SPEC_KEYS = {"output_dir", "pretrained_model_name_or_path", "dataset", "subjects", "subject", "prompts", "num_prompts",
              "images_per_prompt", "seed", "steps", "guidance", "scorers", "train", "methods", "metrics", "real_min_images",
              "sample_batch_size"}
@@ -169,7 +168,7 @@ def _subject_prompts(source: str, live: bool, dataset_file, base: Path, where: s
 
 def load_spec(spec: str | Path | dict, base_dir: str | Path | None = None) -> BenchSpec:
     """Read and check a bench spec (a TOML file or its parsed dict)."""
-    from ..config import ConceptConfig, TrainConfig
+    from ..config import ConceptConfig, is_option
     from ..data.images import list_images
 
     if isinstance(spec, dict):
@@ -258,14 +257,13 @@ def load_spec(spec: str | Path | dict, base_dir: str | Path | None = None) -> Be
     methods = data.get("methods") or {"dreambooth": {}}
     if isinstance(methods, list):
         methods = {str(m): {} for m in methods}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"concepts", "output_dir"}
     concept_fields = {f.name for f in dataclasses.fields(ConceptConfig)} - {"instance_data_dir", "class_noun"}
     common = dict(data.get("train", {}))
     for label, options in {"train": common, **{f"methods.{k}": v for k, v in methods.items()}}.items():
         if not isinstance(options, dict):
             raise ConfigError(f"{where}: [{label}] must be a table of options.")
         for key in options:
-            if key not in train_fields and key not in concept_fields:
+            if key in ("concepts", "output_dir") or not (is_option(key) or key in concept_fields):
                 raise ConfigError(f"{where}: [{label}] unknown option '{key}' (any training or concept option except output_dir/concepts).")
     for label in methods:
         if "/" in label or label.startswith("."):
@@ -294,24 +292,19 @@ def load_spec(spec: str | Path | dict, base_dir: str | Path | None = None) -> Be
 
 def cell_config(spec: BenchSpec, subject: BenchSubject, label: str, run_dir: Path):
     """The TrainConfig of one cell: [train], then the method's table, then the subject."""
-    from ..config import ConceptConfig, config_from_dict
+    from ..config import ConceptConfig, TrainConfig, config_from_dict
+    from ..methods import get_method, method_names
 
     concept_keys = {f.name for f in dataclasses.fields(ConceptConfig)}
     options = {**spec.train, **spec.methods[label]}
-    method = str(options.get("method", label if label in _known_methods() else "dreambooth"))
+    method = str(options.get("method", label if label in method_names() else TrainConfig.method))
     concept = {"instance_data_dir": str(subject.images_dir), "class_noun": subject.class_noun,
-               "identifier": "<new1>" if method in NEW_TOKEN_METHODS else "sks"}
+               "identifier": "<new1>" if get_method(method).new_tokens else "sks"}
     concept.update({k: v for k, v in options.items() if k in concept_keys})
     values = {k: v for k, v in options.items() if k not in concept_keys}
     values.update(pretrained_model_name_or_path=spec.base_model, method=method, output_dir=str(run_dir), concepts=[concept])
     values.setdefault("seed", spec.seed)
     return config_from_dict(values, where=f"{spec.path or 'bench spec'}: methods.{label}")
-
-
-def _known_methods() -> tuple[str, ...]:
-    from ..methods import METHODS
-
-    return tuple(METHODS)
 
 
 def _hash(obj: Any) -> str:

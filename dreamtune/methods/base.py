@@ -2,7 +2,8 @@
 
 A method sees the base model's components and the concepts, marks what trains and returns the
 optimizer's parameter groups; the one training loop (dreamtune.training) does the rest. Each method
-lives in its own module and is registered in `dreamtune.methods.METHODS`.
+lives in its own module and is registered in `dreamtune.methods.METHODS`; the class attributes below
+are what the rest of dreamtune (config, CLI, bench, export, pipeline) asks it.
 """
 
 from __future__ import annotations
@@ -56,8 +57,18 @@ class Method:
     """Base class of the personalization methods. Subclasses set `name` and override what differs."""
 
     name: ClassVar[str] = ""
-    #: True when the artifact is a full diffusers pipeline rather than weights applied to a base.
+    #: The method's own options: a dataclass of `dreamtune.config.opt` fields, read from the config's
+    #: `[<name>]` table (the flat keys `<option>` and `<name>_<option>` are accepted too); None: none.
+    Options: ClassVar[type | None] = None
+    #: True when each concept's identifier is a new token such as <new1> whose embedding trains.
+    new_tokens: ClassVar[bool] = False
+    #: True when the artifact is a full diffusers pipeline that replaces the base model, rather than
+    #: weights applied to one.
     full_pipeline_artifact: ClassVar[bool] = False
+    #: The `dreamtune export --format` values its artifacts support.
+    exports: ClassVar[tuple[str, ...]] = ()
+    #: Modules that add the method's own subcommands through `register(subparsers)`.
+    commands: ClassVar[tuple[str, ...]] = ()
     #: The values of the options the schema leaves to the method (`config.method_default_options()`).
     #: A subclass overrides some with `defaults = {**Method.defaults, ...}`.
     defaults: ClassVar[dict[str, Any]] = {
@@ -68,6 +79,11 @@ class Method:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.tokens: list[str] = []
+
+    @property
+    def options(self) -> Any:
+        """The run's values of the method's own options (an instance of `Options`)."""
+        return self.config.method_options
 
     # --- training -------------------------------------------------------------------------
     def prepare(self, components: Components, concepts: list) -> list[dict]:

@@ -26,10 +26,12 @@ The artifact is what diffusers' own loaders read:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import opt
 from ..errors import ConfigError, ModelLoadError
 from ..tokens import TrainableTokens, add_tokens, is_new_token
 from .base import Components, Method
@@ -92,6 +94,16 @@ class CustomDiffusion(Method):
     name = "custom_diffusion"
     defaults = {**Method.defaults, "learning_rate": 1e-5, "scale_lr": True, "max_train_steps": 250,
                 "train_batch_size": 2, "num_class_images": 200, "augment": "on"}
+    new_tokens = True
+    # The closed-form merge of several artifacts and the retrieval of real class images are its own.
+    commands = ("dreamtune.merge", "dreamtune.data.retrieval")
+
+    @dataclass
+    class Options:
+        """[custom_diffusion] (the same names were flat keys in earlier versions)."""
+
+        train_params: str = opt("crossattn_kv", "Cross-attention key/value projections ('crossattn_kv') or all cross-attention projections ('crossattn').", choices=tuple(TRAIN_PARAMS))
+        compress_rank: int = opt(0, "Keep only the top singular values of each weight delta in the artifact (0: full).", min=0)
 
     def __init__(self, config):
         super().__init__(config)
@@ -105,11 +117,11 @@ class CustomDiffusion(Method):
     # --- training -------------------------------------------------------------------------
     def prepare(self, components: Components, concepts: list) -> list[dict]:
         unet, text_encoder = components.unet, components.text_encoder
-        if self.config.compress_rank and self.config.train_params != "crossattn_kv":
+        if self.options.compress_rank and self.options.train_params != "crossattn_kv":
             raise ConfigError("compress_rank: only with train_params = 'crossattn_kv' (the K/V weight changes).")
         for module in (components.vae, unet, text_encoder):
             module.requires_grad_(False)
-        self.projections = trained_projections(unet, self.config.train_params)
+        self.projections = trained_projections(unet, self.options.train_params)
         unet_params = []
         for path in self.projections:
             module = unet.get_submodule(path)
@@ -173,10 +185,10 @@ class CustomDiffusion(Method):
 
         folder = Path(folder)
         weights = self.trained_weights(components)
-        meta.update({"train_params": self.config.train_params, "initializers": self.initializers,
+        meta.update({"train_params": self.options.train_params, "initializers": self.initializers,
                      "token_files": {t: f"{t}.safetensors" for t in self.tokens}})
-        if self.config.compress_rank:
-            state, report = compress(weights, self.base_weights, self.config.compress_rank)
+        if self.options.compress_rank:
+            state, report = compress(weights, self.base_weights, self.options.compress_rank)
             meta.update({"weight_file": LORA_WEIGHT_NAME, "compression": report})
             logger.info("custom_diffusion: rank-%d weight changes, relative error %.3g (worst layer %.3g)",
                         report["rank"], report["relative_error"], report["max_layer_relative_error"])

@@ -12,6 +12,7 @@ class DreamBooth(Method):
 
     name = "dreambooth"
     full_pipeline_artifact = True
+    exports = ("single-file",)
 
     def prepare(self, components: Components, concepts: list) -> list[dict]:
         components.vae.requires_grad_(False)

@@ -1,7 +1,7 @@
 """LoRA (Hu et al., 2021) as DreamBooth-LoRA: low-rank adapters on the UNet's attention projections.
 
-The base weights stay frozen; peft injects `B @ A` adapters (rank `lora_rank`, scale
-`lora_alpha / lora_rank`) into the UNet layers named by `lora_target_modules`, and into the text
+The base weights stay frozen; peft injects `B @ A` adapters (rank `rank`, scale `alpha / rank`, all
+in the config's `[lora]` table) into the UNet layers named by `target_modules`, and into the text
 encoder's attention projections when `train_text_encoder` is on. Only the adapters train.
 
 The artifact is `pytorch_lora_weights.safetensors` in diffusers' LoRA layout (`unet.*` and
@@ -13,11 +13,13 @@ exports it with kohya/A1111 key names.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..artifacts import safetensors_metadata
+from ..config import opt
 from ..errors import ConfigError, ModelLoadError
 from ..io import save_safetensors
 from .base import Components, Method, trainable_parameters
@@ -49,7 +51,7 @@ def lora_target_names(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def check_target_modules(model: torch.nn.Module, targets: list[str], option: str = "lora_target_modules") -> None:
+def check_target_modules(model: torch.nn.Module, targets: list[str], option: str = "[lora] target_modules") -> None:
     """Raise a ConfigError naming the valid choices when a target matches no Linear/Conv2d layer of `model`.
 
     A target matches a layer whose dotted path is the target or ends with "." + target, so
@@ -78,21 +80,31 @@ class LoRA(Method):
 
     name = "lora"
     defaults = {**Method.defaults, "learning_rate": 1e-4, "max_train_steps": 500}
+    exports = ("single-file", "kohya")
+
+    @dataclass
+    class Options:
+        """[lora] (flat keys of earlier versions: lora_rank, lora_alpha, ...)."""
+
+        rank: int = opt(4, "LoRA rank.", min=1)
+        alpha: float = opt(0.0, "LoRA alpha (0: equal to the rank).", min=0.0)
+        target_modules: list = opt(["to_k", "to_q", "to_v", "to_out.0"], "UNet modules that get LoRA adapters.")
+        dropout: float = opt(0.0, "LoRA dropout.", min=0.0, max=1.0)
 
     @property
     def rank(self) -> int:
-        return self.config.lora_rank
+        return self.options.rank
 
     @property
     def alpha(self) -> float:
         """LoRA alpha; 0 in the config means "equal to the rank" (scale 1)."""
-        return self.config.lora_alpha or float(self.config.lora_rank)
+        return self.options.alpha or float(self.options.rank)
 
     def lora_config(self, target_modules: list[str]):
         """The peft LoraConfig for one model (Gaussian init of A and zero B, as diffusers' script does)."""
         from peft import LoraConfig
 
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.config.lora_dropout,
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.options.dropout,
                           init_lora_weights="gaussian", target_modules=list(target_modules))
 
     def prepare(self, components: Components, concepts: list) -> list[dict]:
@@ -100,8 +112,8 @@ class LoRA(Method):
         components.vae.requires_grad_(False)
         unet.requires_grad_(False)
         text_encoder.requires_grad_(False)
-        check_target_modules(unet, list(self.config.lora_target_modules))
-        unet.add_adapter(self.lora_config(self.config.lora_target_modules), adapter_name=ADAPTER_NAME)
+        check_target_modules(unet, list(self.options.target_modules))
+        unet.add_adapter(self.lora_config(self.options.target_modules), adapter_name=ADAPTER_NAME)
         if self.config.train_text_encoder:
             text_encoder.add_adapter(self.lora_config(TEXT_ENCODER_TARGET_MODULES), adapter_name=ADAPTER_NAME)
         self.tokens = sorted({c.config.identifier for c in concepts})
@@ -129,7 +141,7 @@ class LoRA(Method):
     def save_artifact(self, components: Components, folder: Path, meta: dict) -> None:
         tensors, header = self.lora_state_dict(components)
         meta.update({"lora_rank": self.rank, "lora_alpha": self.alpha,
-                     "lora_target_modules": list(self.config.lora_target_modules),
+                     "lora_target_modules": list(self.options.target_modules),
                      "text_encoder_lora": ADAPTER_NAME in (getattr(components.text_encoder, "peft_config", None) or {})})
         # diffusers' own writer marks the file "format": "pt"; dreamtune's "format" key yields to it.
         header = {**safetensors_metadata(meta), **header}

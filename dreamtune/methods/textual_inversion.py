@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import opt
 from ..errors import ConfigError, ModelLoadError
 from ..tokens import TrainableTokens, add_tokens, is_new_token
 from .base import Components, Method
@@ -68,6 +70,13 @@ class TextualInversion(Method):
 
     name = "textual_inversion"
     defaults = {**Method.defaults, "learning_rate": 5e-4, "scale_lr": True, "max_train_steps": 2000}
+    new_tokens = True
+
+    @dataclass
+    class Options:
+        """[textual_inversion] (num_vectors was a flat key in earlier versions)."""
+
+        num_vectors: int = opt(1, "Embedding vectors per new token.", min=1)
 
     def __init__(self, config):
         super().__init__(config)
@@ -92,12 +101,12 @@ class TextualInversion(Method):
                     f"('{self.initializers[identifier]}', '{initializer}'); give each concept its own token."
                 )
         self.tokens = list(self.initializers)
-        self.vectors = {t: vector_tokens(t, self.config.num_vectors) for t in self.tokens}
+        self.vectors = {t: vector_tokens(t, self.options.num_vectors) for t in self.tokens}
         all_tokens = [v for t in self.tokens for v in self.vectors[t]]
         words = [self.initializers[t] for t in self.tokens for _ in self.vectors[t]]
         ids = add_tokens(components.tokenizer, components.text_encoder, all_tokens, words)
         self.token_rows = TrainableTokens(components.text_encoder, ids)
-        if self.config.num_vectors > 1:
+        if self.options.num_vectors > 1:
             components.tokenizer = ExpandingTokenizer(components.tokenizer, components.pipe)
         width = self.token_rows.weight.shape[1]
         logger.info("textual_inversion: training %d vectors of width %d for %s", len(ids), width, ", ".join(self.tokens))
@@ -119,7 +128,7 @@ class TextualInversion(Method):
 
         several = len(self.tokens) > 1
         files = {t: embeddings_file(t, several) for t in self.tokens}
-        meta.update({"num_vectors": self.config.num_vectors, "initializers": self.initializers, "token_files": files})
+        meta.update({"num_vectors": self.options.num_vectors, "initializers": self.initializers, "token_files": files})
         header = {**safetensors_metadata(meta), "format": "pt"}
         for token, vectors in self.embeddings().items():
             save_safetensors({token: vectors}, Path(folder) / files[token], header)
