@@ -17,6 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from .data.priors import class_folder, generate_class_images, has_captions, load
 from .errors import ConfigError, DreamtuneError, TrainingDiverged
 from .io import write_text
 from .logs import MetricsLog
-from .methods import Components, get_method
+from .methods import Components, Method, get_method
 from .pipeline import load_base
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class RunResult:
 
     output_dir: Path
     artifact_dir: Path
-    global_step: int
+    #: The loss of each step this process ran (a resumed run: the steps after the checkpoint).
     losses: list[float] = field(default_factory=list)
     #: The trained pipeline, still in memory.
     pipeline: object = field(default=None, repr=False)
@@ -119,9 +120,9 @@ class Encoder:
     """Turns examples into latents and prompts into embeddings, from caches when they are valid."""
 
     def __init__(self, components: Components, data: TrainData, *, cache_latents: bool, cache_text: bool,
-                 device, dtype, seed: int, frozen_prompt=None):
+                 device, dtype, frozen_prompt=None):
         self.c = components
-        self.device, self.dtype, self.seed = device, dtype, seed
+        self.device, self.dtype = device, dtype
         self.scaling = components.vae.config.scaling_factor
         self.latent_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.text_cache: dict[str, torch.Tensor] = {}
@@ -134,7 +135,7 @@ class Encoder:
             for start in range(0, len(prompts), 32):
                 chunk = prompts[start : start + 32]
                 with torch.no_grad():
-                    embeds = self.text(chunk, train=False)
+                    embeds = self.text(chunk)
                 self.text_cache.update({p: e for p, e in zip(chunk, embeds)})
 
     @torch.no_grad()
@@ -161,7 +162,7 @@ class Encoder:
         return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                    return_tensors="pt").input_ids
 
-    def text(self, prompts: list[str], *, train: bool, text_encoder=None) -> torch.Tensor:
+    def text(self, prompts: list[str], *, text_encoder=None) -> torch.Tensor:
         """Prompt embeddings (last hidden state), from the cache when the text encoder is frozen."""
         cached = [p in self.text_cache for p in prompts]
         if all(cached):
@@ -207,6 +208,37 @@ def default_validation_prompts(concepts) -> list[str]:
     return prompts
 
 
+@dataclass
+class Run:
+    """What `setup` builds for the step loop: the prepared models, data, optimizer and where to write."""
+
+    config: TrainConfig
+    accelerator: Any
+    output_dir: Path
+    pipe: Any
+    components: Components
+    concepts: list
+    method: Method
+    data: TrainData
+    encoder: Encoder
+    #: The UNet and text encoder as the accelerator wrapped them (DDP on several processes).
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    trainable: list[torch.nn.Parameter]
+    train_text: bool
+    weight_dtype: torch.dtype
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    start_step: int
+    validation_prompts: list[str]
+    trackers: list[str] | None
+    log: MetricsLog | None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def train(config: TrainConfig, *, overwrite: bool = False, resume: str | None = None,
           progress: bool = True) -> RunResult:
     """Train one run as `config` says and write its run folder; returns where the artifact is.
@@ -214,29 +246,130 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: str | None = 
     `resume` is "latest" or a checkpoint folder: training continues from there and ends with the
     same weights as an uninterrupted run. Runs unchanged under `accelerate launch` and `torchrun`.
     """
-    from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    output_dir = Path(config.output_dir).expanduser()
-    # Several runs in one process (a benchmark, a notebook) may differ in mixed precision: accelerate
-    # keeps one global state, so it is reset here; the process group itself (PartialState) is kept.
-    from accelerate.state import AcceleratorState
+    run = setup(config, overwrite=overwrite, resume=resume, progress=progress)
+    accelerator, optimizer, lr_scheduler = run.accelerator, run.optimizer, run.lr_scheduler
+    losses: list[float] = []
+    bar = tqdm(range(run.start_step, config.max_train_steps), initial=run.start_step, total=config.max_train_steps,
+               desc=config.method, disable=not (progress and run.main))
+    loop_start = time.perf_counter()
+    for step in bar:
+        t0 = time.perf_counter()
+        step_loss = forward_backward(run, step)
+        if config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        run.method.after_step(run.components)
+        global_step = step + 1
+        losses.append(step_loss[0].item())
+        if run.main and (global_step % config.logging_steps == 0 or global_step == config.max_train_steps):
+            log_step(run, global_step, step_loss, step_time=time.perf_counter() - t0,
+                     wall_time=time.perf_counter() - loop_start)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if _every(config.checkpointing_steps, global_step, config.max_train_steps):
+            if run.main:
+                save_checkpoint(run.output_dir, global_step, run.method, run.components, optimizer, lr_scheduler)
+                prune_checkpoints(run.output_dir, config.checkpoints_total_limit)
+            accelerator.wait_for_everyone()
+        if _every(config.validation_steps, global_step, config.max_train_steps):
+            if run.main:
+                run_validation(run.components, run.validation_prompts, config, run.output_dir, global_step, accelerator)
+            accelerator.wait_for_everyone()
+    bar.close()
+    return finish(run, losses)
 
-    AcceleratorState._reset_state()
-    trackers = [config.report_to] if config.report_to in ("tensorboard", "wandb") else None
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=trackers,
-                              project_dir=str(output_dir / "logs"))
-    main = accelerator.is_main_process
+
+def _every(interval: int, step: int, last: int) -> bool:
+    """True at every `interval`-th step before the last (0: never); the last step has its own saving."""
+    return bool(interval) and step % interval == 0 and step < last
+
+
+def forward_backward(run: Run, step: int) -> torch.Tensor:
+    """One optimizer step's losses (total, instance, prior), backpropagated and averaged over processes.
+
+    The step's examples are keyed by their index in the whole run: micro-batch m of process r takes
+    the `train_batch_size` indices that follow all earlier micro-batches of all processes, and the
+    class half takes the same indices from the class images.
+    """
+    config, accelerator = run.config, run.accelerator
+    batch, accum, world = config.train_batch_size, config.gradient_accumulation_steps, accelerator.num_processes
+    prior = config.with_prior_preservation
+    step_loss = torch.zeros(3, device=accelerator.device)
+    for micro in range(accum):
+        first = ((step * accum + micro) * world + accelerator.process_index) * batch
+        ks = range(first, first + batch)
+        examples = [run.data.instance(k) for k in ks]
+        gens = [keyed_generator(config.seed, "instance", k) for k in ks]
+        if prior:
+            examples += [run.data.prior(k) for k in ks]
+            gens += [keyed_generator(config.seed, "prior", k) for k in ks]
+        sync = micro == accum - 1
+        with (nullcontext() if sync else accelerator.no_sync(run.unet)), accelerator.autocast():
+            latents = run.encoder.latents(examples, gens)
+            embeds = run.encoder.text([e.prompt for e in examples], text_encoder=run.text_encoder)
+            masks = torch.stack([e.mask if e.mask is not None else torch.ones(1, *latents.shape[2:]) for e in examples])
+            per_example = diffusion_loss(run.unet, run.components.noise_scheduler, latents,
+                                         embeds if run.train_text else embeds.to(run.weight_dtype),
+                                         masks.to(latents.device), gens, snr_gamma=config.snr_gamma)
+            instance_loss = per_example[:batch].mean()
+            prior_loss = per_example[batch:].mean() if prior else torch.zeros_like(instance_loss)
+            loss = instance_loss + config.prior_loss_weight * prior_loss
+            accelerator.backward(loss / accum)
+        step_loss += torch.stack([loss.detach(), instance_loss.detach(), prior_loss.detach()]) / accum
+    step_loss = accelerator.reduce(step_loss, reduction="mean")
+    if not torch.isfinite(step_loss).all():
+        last = latest_checkpoint(run.output_dir)
+        raise TrainingDiverged(
+            f"the loss became {step_loss[0].item()} at step {step + 1}; the weights were not updated. "
+            + (f"The last good checkpoint is {last}. " if last else "")
+            + "Lower learning_rate, or use mixed_precision = 'bf16' instead of 'fp16'."
+        )
+    return step_loss
+
+
+def log_step(run: Run, step: int, step_loss: torch.Tensor, *, step_time: float, wall_time: float) -> None:
+    """Append one row to logs/metrics.csv (and the tracker, when one is on)."""
+    row = {"step": step, "loss": step_loss[0].item(), "instance_loss": step_loss[1].item(),
+           "prior_loss": step_loss[2].item(), "lr": run.lr_scheduler.get_last_lr()[0],
+           "step_time": step_time, "wall_time": wall_time}
+    run.log.append(row)
+    if run.trackers:
+        run.accelerator.log(row, step=step)
+
+
+def finish(run: Run, losses: list[float]) -> RunResult:
+    """The last validation grid, the artifact and the loss curve (main process), then the result."""
+    config, accelerator = run.config, run.accelerator
+    artifact_dir = run.output_dir / "artifact"
+    accelerator.wait_for_everyone()
+    if run.main:
+        run_validation(run.components, run.validation_prompts, config, run.output_dir, config.max_train_steps,
+                       accelerator)
+        save_artifact(run.method, run.components, artifact_dir, config)
+        run.log.plot(run.output_dir / "logs" / "loss.png")
+    accelerator.wait_for_everyone()
+    if run.trackers:
+        accelerator.end_training()
+    return RunResult(run.output_dir, artifact_dir, losses, run.pipe)
+
+
+def setup(config: TrainConfig, *, overwrite: bool, resume: str | None, progress: bool) -> Run:
+    """Everything before the first step: accelerator, run folder, models, class images, method, data,
+    encoder caches, optimizer and schedule, and the state of a resumed checkpoint."""
+    from diffusers.optimization import get_scheduler
+
     if not config.concepts:
         raise ConfigError("no concepts: add a [[concepts]] table or pass --instance-data-dir and --class-noun.")
-    if main:
+    output_dir = Path(config.output_dir).expanduser()
+    accelerator, trackers = make_accelerator(config, output_dir)
+    if accelerator.is_main_process:
         prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
     accelerator.wait_for_everyone()
     torch.manual_seed(config.seed)
 
-    # Model, concepts, class images (generated by the base model while it is still frozen).
-    weight_dtype = weight_dtype_of(config.mixed_precision)
     concepts = [load_concept(c, skip_bad_images=config.skip_bad_images, index=i) for i, c in enumerate(config.concepts)]
     pipe = load_base(config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
                      single_file_config=config.single_file_config)
@@ -244,49 +377,85 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: str | None = 
     for c in concepts:
         for warning in check_identifier(components.tokenizer, c.config.identifier):
             logger.warning(warning)
-    priors = None
-    if config.with_prior_preservation:
-        pipe.to(accelerator.device)
-        priors = []
-        for c in concepts:
-            folder = class_folder(c.config, config.pretrained_model_name_or_path, config)
-            if not has_captions(folder):
-                generate_class_images(pipe, c.class_prompt, folder, config.num_class_images, config,
-                                      rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                      progress=progress and main)
-            accelerator.wait_for_everyone()
-            priors.append(load_class_images(c.config, folder, config))
+    # Class images are generated by the base model while it is still frozen.
+    priors = prepare_priors(config, pipe, concepts, accelerator, progress=progress) if config.with_prior_preservation else None
 
     set_attention(components.unet, config.attention)
     method = get_method(config.method)(config)
     param_groups = method.prepare(components, concepts)
-    trainable = [p for g in param_groups for p in g["params"]]
     data = TrainData(concepts, priors, resolution=config.resolution, center_crop=config.center_crop,
                      random_flip=config.random_flip, augment=config.augment_enabled,
                      latent_scale=components.latent_scale, seed=config.seed, repeats=config.repeats)
+    weight_dtype = weight_dtype_of(config.mixed_precision)
+    place_models(components, accelerator.device, weight_dtype)
+    train_text = method.trains_text_encoder(components)
+    if config.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if train_text:
+            components.text_encoder.gradient_checkpointing_enable()
+    cache_text = config.cache_text_embeddings
+    encoder = Encoder(components, data, cache_latents=config.cache_latents, cache_text=cache_text and not train_text,
+                      frozen_prompt=method.frozen_prompt if cache_text and train_text else None,
+                      device=accelerator.device, dtype=weight_dtype)
 
-    # Frozen weights are kept in the mixed-precision dtype; trained ones stay float32.
+    optimizer = make_optimizer(param_groups, config, accelerator.num_processes)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=config.max_train_steps)
+    unet, text_encoder, optimizer = prepare_for_accelerator(accelerator, components, optimizer, train_text)
+    start_step = restore(resume, output_dir, method, components, optimizer, lr_scheduler)
+    log = None
+    if accelerator.is_main_process:
+        write_text(output_dir / "config.toml", config_to_toml(config))
+        if trackers:
+            accelerator.init_trackers("dreamtune", config={k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))})
+        log = MetricsLog(output_dir / "logs" / "metrics.csv", start_step=start_step)
+    validation_prompts = [concepts[0].config.format(p) for p in config.validation_prompts] or default_validation_prompts(concepts)
+    return Run(config, accelerator, output_dir, pipe, components, concepts, method, data, encoder, unet, text_encoder,
+               [p for g in param_groups for p in g["params"]], train_text, weight_dtype, optimizer, lr_scheduler,
+               start_step, validation_prompts, trackers, log)
+
+
+def make_accelerator(config: TrainConfig, output_dir: Path):
+    """The Accelerator of a run and the trackers it logs to besides the CSV (None: none)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # Several runs in one process (a benchmark, a notebook) may differ in mixed precision: accelerate
+    # keeps one global state, so it is reset here; the process group itself (PartialState) is kept.
+    AcceleratorState._reset_state()
+    trackers = [config.report_to] if config.report_to in ("tensorboard", "wandb") else None
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=trackers,
+                              project_dir=str(output_dir / "logs"))
+    return accelerator, trackers
+
+
+def prepare_priors(config: TrainConfig, pipe, concepts: list, accelerator, *, progress: bool) -> list:
+    """Each concept's class images: real ones with captions, or generated (shared out over processes)."""
+    pipe.to(accelerator.device)
+    priors = []
+    for c in concepts:
+        folder = class_folder(c.config, config.pretrained_model_name_or_path, config)
+        if not has_captions(folder):
+            generate_class_images(pipe, c.class_prompt, folder, config.num_class_images, config,
+                                  rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                  progress=progress and accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+        priors.append(load_class_images(c.config, folder, config))
+    return priors
+
+
+def place_models(components: Components, device, weight_dtype: torch.dtype) -> None:
+    """Move the models to the device; frozen weights take the mixed-precision dtype, trained ones stay float32."""
     for module in (components.unet, components.vae, components.text_encoder):
-        module.to(accelerator.device)
+        module.to(device)
         for p in module.parameters():
             if not p.requires_grad and p.dtype != weight_dtype:
                 p.data = p.data.to(weight_dtype)
-    if config.gradient_checkpointing:
-        components.unet.enable_gradient_checkpointing()
-        if method.trains_text_encoder(components):
-            components.text_encoder.gradient_checkpointing_enable()
-    train_text = method.trains_text_encoder(components)
-    encoder = Encoder(components, data, cache_latents=config.cache_latents,
-                      cache_text=config.cache_text_embeddings and not train_text,
-                      frozen_prompt=method.frozen_prompt if config.cache_text_embeddings and train_text else None,
-                      device=accelerator.device, dtype=weight_dtype, seed=config.seed)
 
-    world = accelerator.num_processes
-    optimizer = make_optimizer(param_groups, config, world)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=config.max_train_steps)
-    unet = components.unet
-    text_encoder = components.text_encoder
+
+def prepare_for_accelerator(accelerator, components: Components, optimizer, train_text: bool):
+    """Wrap the trained models and the optimizer (DDP on several processes); returns (unet, text_encoder, optimizer)."""
+    unet, text_encoder = components.unet, components.text_encoder
     # DDP refuses a module with nothing to train (Textual Inversion's UNet), so only trained ones are wrapped.
     if train_text and not any(p.requires_grad for p in unet.parameters()):
         text_encoder, optimizer = accelerator.prepare(text_encoder, optimizer)
@@ -297,98 +466,21 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: str | None = 
     unet.train()
     if train_text:
         text_encoder.train()
+    return unet, text_encoder, optimizer
 
-    start_step = 0
-    if resume:
-        checkpoint = latest_checkpoint(output_dir) if resume == "latest" else Path(resume).expanduser()
-        if checkpoint is None:
-            logger.warning("no checkpoint in %s: starting a new run", output_dir / "checkpoints")
-        else:
-            start_step = load_checkpoint(checkpoint, method, components, optimizer, lr_scheduler)
-            logger.info("resumed from %s at step %d", checkpoint, start_step)
-    if main:
-        write_text(output_dir / "config.toml", config_to_toml(config))
-        if trackers:
-            accelerator.init_trackers("dreamtune", config={k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))})
-    log = MetricsLog(output_dir / "logs" / "metrics.csv", start_step=start_step) if main else None
-    validation_prompts = [concepts[0].config.format(p) for p in config.validation_prompts] or default_validation_prompts(concepts)
 
-    batch = config.train_batch_size
-    accum = config.gradient_accumulation_steps
-    prior = config.with_prior_preservation
-    losses: list[float] = []
-    bar = tqdm(range(start_step, config.max_train_steps), initial=start_step, total=config.max_train_steps,
-               desc=f"{config.method}", disable=not (progress and main))
-    loop_start = time.perf_counter()
-    for step in bar:
-        t0 = time.perf_counter()
-        step_loss = torch.zeros(3, device=accelerator.device)
-        for micro in range(accum):
-            first = ((step * accum + micro) * world + accelerator.process_index) * batch
-            ks = range(first, first + batch)
-            examples = [data.instance(k) for k in ks]
-            gens = [keyed_generator(config.seed, "instance", k) for k in ks]
-            if prior:
-                examples += [data.prior(k) for k in ks]
-                gens += [keyed_generator(config.seed, "prior", k) for k in ks]
-            sync = micro == accum - 1
-            with (nullcontext() if sync else accelerator.no_sync(unet)), accelerator.autocast():
-                latents = encoder.latents(examples, gens)
-                embeds = encoder.text([e.prompt for e in examples], train=train_text, text_encoder=text_encoder)
-                masks = torch.stack([e.mask if e.mask is not None else torch.ones(1, *latents.shape[2:]) for e in examples])
-                per_example = diffusion_loss(unet, components.noise_scheduler, latents, embeds.to(weight_dtype) if not train_text else embeds,
-                                             masks.to(latents.device), gens, snr_gamma=config.snr_gamma)
-                instance_loss = per_example[:batch].mean()
-                prior_loss = per_example[batch:].mean() if prior else torch.zeros_like(instance_loss)
-                loss = instance_loss + config.prior_loss_weight * prior_loss
-                accelerator.backward(loss / accum)
-            step_loss += torch.stack([loss.detach(), instance_loss.detach(), prior_loss.detach()]) / accum
-        step_loss = accelerator.reduce(step_loss, reduction="mean")
-        if not torch.isfinite(step_loss).all():
-            last = latest_checkpoint(output_dir)
-            raise TrainingDiverged(
-                f"the loss became {step_loss[0].item()} at step {step + 1}; the weights were not updated. "
-                + (f"The last good checkpoint is {last}. " if last else "")
-                + "Lower learning_rate, or use mixed_precision = 'bf16' instead of 'fp16'."
-            )
-        if config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        method.after_step(components)
-        global_step = step + 1
-        loss_value = step_loss[0].item()
-        losses.append(loss_value)
-        if main and (global_step % config.logging_steps == 0 or global_step == config.max_train_steps):
-            row = {"step": global_step, "loss": loss_value, "instance_loss": step_loss[1].item(),
-                   "prior_loss": step_loss[2].item(), "lr": lr_scheduler.get_last_lr()[0],
-                   "step_time": time.perf_counter() - t0, "wall_time": time.perf_counter() - loop_start}
-            log.append(row)
-            if trackers:
-                accelerator.log(row, step=global_step)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 and global_step < config.max_train_steps:
-            if main:
-                save_checkpoint(output_dir, global_step, method, components, optimizer, lr_scheduler)
-                prune_checkpoints(output_dir, config.checkpoints_total_limit)
-            accelerator.wait_for_everyone()
-        if config.validation_steps and global_step % config.validation_steps == 0 and global_step < config.max_train_steps:
-            if main:
-                run_validation(components, validation_prompts, config, output_dir, global_step, accelerator)
-            accelerator.wait_for_everyone()
-    bar.close()
-
-    artifact_dir = output_dir / "artifact"
-    accelerator.wait_for_everyone()
-    if main:
-        run_validation(components, validation_prompts, config, output_dir, config.max_train_steps, accelerator)
-        save_artifact(method, components, artifact_dir, config)
-        log.plot(output_dir / "logs" / "loss.png")
-    accelerator.wait_for_everyone()
-    if trackers:
-        accelerator.end_training()
-    return RunResult(output_dir, artifact_dir, config.max_train_steps, losses, pipe)
+def restore(resume: str | None, output_dir: Path, method: Method, components: Components, optimizer,
+            lr_scheduler) -> int:
+    """Load the checkpoint `resume` names ("latest" or a folder) and return its step; 0 for a new run."""
+    if not resume:
+        return 0
+    checkpoint = latest_checkpoint(output_dir) if resume == "latest" else Path(resume).expanduser()
+    if checkpoint is None:
+        logger.warning("no checkpoint in %s: starting a new run", output_dir / "checkpoints")
+        return 0
+    step = load_checkpoint(checkpoint, method, components, optimizer, lr_scheduler)
+    logger.info("resumed from %s at step %d", checkpoint, step)
+    return step
 
 
 def save_artifact(method, components: Components, artifact_dir: Path, config: TrainConfig) -> None:
