@@ -22,12 +22,12 @@ def folder_size(path: Path) -> int:
 
 def main() -> None:
     from benchmarks.train_step import sd15_pipeline
-    from dreamtune.cli import _quiet_libraries
-    from dreamtune.concepts import Concept
     from dreamtune.config import ConceptConfig, load_config
+    from dreamtune.data.concepts import Concept
+    from dreamtune.logs import quiet_libraries
     from dreamtune.methods import Components, get_method
 
-    _quiet_libraries()
+    quiet_libraries()
     rows = []
     for method, identifier, extra in (
         ("dreambooth", "sks", {}),

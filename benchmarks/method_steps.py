@@ -112,7 +112,7 @@ def make_config(variant: str, model_dir: Path, work: Path, out: Path, args, step
 
 def trainable_share(variant: str, model_dir: Path, work: Path, args) -> tuple[int, int]:
     """(trainable parameters, UNet parameters) as the method's prepare() sets them up."""
-    from dreamtune.concepts import load_concept
+    from dreamtune.data.concepts import load_concept
     from dreamtune.methods import Components, get_method
     from dreamtune.pipeline import load_base
 
@@ -186,9 +186,9 @@ def main() -> None:
     args.methods = args.methods.split(",") if args.methods else None
     if args.threads:
         torch.set_num_threads(args.threads)
-    from dreamtune.cli import _quiet_libraries
+    from dreamtune.logs import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     from dreamtune.tiny import tiny_pipeline
 
     builders = {"tiny": tiny_pipeline, "mid": mid_pipeline, "sd15": sd15_pipeline}

@@ -137,9 +137,9 @@ def main() -> None:
     import os
 
     os.environ.setdefault("DREAMTUNE_CACHE", tempfile.mkdtemp(prefix="dreamtune-bench-"))
-    from dreamtune.cli import _quiet_libraries
+    from dreamtune.logs import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     if args.model in ("tiny", "all"):
         from dreamtune.tiny import tiny_pipeline
 

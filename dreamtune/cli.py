@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, options_help
 from .errors import DreamtuneError
+from .logs import quiet_libraries
 
 # Modules that add their own subcommands through `register(subparsers)`; a missing one is skipped.
 # A method's own commands (Custom Diffusion's merge and retrieve) come from the method registry.
@@ -24,25 +24,6 @@ def _extensions() -> list[str]:
     from .methods import get_method, method_names
 
     return list(EXTENSIONS) + [m for name in method_names() for m in get_method(name).commands]
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="diffusers")
-    try:
-        import diffusers
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def _flag(name: str) -> str:
@@ -122,7 +103,7 @@ def cmd_train(args) -> int:
 
 def cmd_sample(args) -> int:
     from .grid import image_grid
-    from .io import save_image
+    from .io import require_empty, save_image
     from .pipeline import load_pipeline, sample
 
     if not args.base and not args.weights:
@@ -131,9 +112,7 @@ def cmd_sample(args) -> int:
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
     pipe = load_pipeline(args.base, *args.weights, torch_dtype=dtype, device=args.device)
-    out = Path(args.out).expanduser()
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise DreamtuneError(f"--out '{out}' is not empty: pass --overwrite or choose another folder.")
+    out = require_empty(args.out, overwrite=args.overwrite)
     images = sample(pipe, args.prompt, num_images=args.n, seed=args.seed, steps=args.steps,
                     guidance=args.guidance, negative_prompt=args.negative_prompt, height=args.height,
                     width=args.width, progress=True)
@@ -146,8 +125,8 @@ def cmd_sample(args) -> int:
 
 
 def cmd_tokens(args) -> int:
-    from .concepts import check_identifier, rare_tokens
     from .pipeline import load_base
+    from .tokens import check_identifier, rare_tokens
 
     tokenizer = _load_tokenizer(args.base) if args.base else None
     if tokenizer is None:
@@ -240,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     if not verbose:
-        _quiet_libraries()
+        quiet_libraries()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)

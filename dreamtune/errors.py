@@ -21,3 +21,9 @@ class ModelLoadError(DreamtuneError):
 
 class TrainingDiverged(DreamtuneError):
     """The loss became NaN or infinite."""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when empty), for a one-line error."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

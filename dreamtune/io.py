@@ -94,3 +94,23 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+#: Suffixes of single-file model checkpoints.
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
+
+
+def looks_local(name: str) -> bool:
+    """True when a model name is meant as a local path rather than a hub id ('owner/name')."""
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or name.count("/") > 1 \
+        or name.endswith(CHECKPOINT_SUFFIXES) or Path(name).expanduser().exists()
+
+
+def require_empty(folder: str | os.PathLike, *, overwrite: bool, option: str = "--out") -> Path:
+    """The folder as a Path; a DreamtuneError naming `option` when it holds files and `overwrite` is off."""
+    from .errors import DreamtuneError
+
+    folder = Path(folder).expanduser()
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise DreamtuneError(f"{option} '{folder}' is not empty: pass --overwrite or choose another folder.")
+    return folder

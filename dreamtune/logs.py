@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 
 from .io import save_image, write_text
@@ -74,3 +75,23 @@ def line_plot(xs: list[float], ys: list[float], label: str, size=(640, 360)):
     draw.text((right - 70, bottom + 8), f"step {x1:g}", fill="black")
     draw.text((left + 8, top + 4), label, fill="black")
     return image
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers' and transformers' loading bars, notices and warnings (`-v` keeps them)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="diffusers")
+    try:
+        import diffusers
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass

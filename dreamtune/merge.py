@@ -197,10 +197,11 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
         WEIGHT_NAME,
         cross_attention_layers,
         diffusers_state_dict,
-        load_token_files,
         save_token_files,
+        token_files,
     )
     from .pipeline import load_base
+    from .tokens import load_token_files
 
     if len(artifacts) < 1:
         raise MergeError("merge: give at least one artifact (two or more to combine concepts).")
@@ -234,7 +235,7 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
     pipe = load_base(base)
     pipe.set_progress_bar_config(disable=True)
     for info in infos:
-        load_token_files(pipe, info.path, info.tokens)
+        load_token_files(pipe, token_files(info))
     unet = pipe.unet
     names = [f"{layer}.{proj}.weight" for layer in cross_attention_layers(unet) for proj in ("to_k", "to_v")]
     base_weights = {n: unet.get_parameter(n).detach().float().cpu() for n in names}
@@ -310,9 +311,9 @@ def register(subparsers) -> None:
 
 def cmd_merge(args) -> int:
     """Handler of `dreamtune merge`."""
-    out = Path(args.out).expanduser()
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise MergeError(f"--out '{out}' is not empty: pass --overwrite or choose another folder.")
+    from .io import require_empty
+
+    out = require_empty(args.out, overwrite=args.overwrite)
     result = merge(args.artifacts, args.reg_captions, out, base=args.base, num_reg_captions=args.num_reg_captions)
     print(f"merged {len(args.artifacts)} runs into {result.out_dir} (tokens: {', '.join(result.tokens) or 'none'}; "
           f"{result.constraint_rows} constraint rows, worst relative error {result.max_constraint_error:.1e})")

@@ -8,17 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
+from .io import CHECKPOINT_SUFFIXES, looks_local
 
 logger = logging.getLogger(__name__)
-
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
-
-
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or name.count("/") > 1 \
-        or name.endswith(SINGLE_FILE_SUFFIXES) or Path(name).expanduser().exists()
-
 
 def load_base(name_or_path: str, *, torch_dtype: torch.dtype | None = None, revision: str = "",
               variant: str = "", single_file_config: str = "", local_files_only: bool | None = None):
@@ -34,7 +27,7 @@ def load_base(name_or_path: str, *, torch_dtype: torch.dtype | None = None, revi
         raise ModelLoadError("pretrained_model_name_or_path is not set: give a diffusers folder, a hub id or a .safetensors file (--pretrained-model-name-or-path).")
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
             raise ModelLoadError(f"{path}: not a model checkpoint (expected a diffusers folder or a .safetensors file).")
         from .single_file import load_single_file
 
@@ -44,7 +37,7 @@ def load_base(name_or_path: str, *, torch_dtype: torch.dtype | None = None, revi
             hint = " It holds a dreamtune run; pass its artifact to `load_pipeline` or `--weights`." if (path / "artifact").is_dir() else ""
             raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json).{hint}")
         local_files_only = True
-    elif _looks_local(name_or_path):
+    elif looks_local(name_or_path):
         raise ModelLoadError(f"{name_or_path}: no such file or folder. Give a diffusers folder, a .safetensors file or a hub id.")
     kwargs = {"torch_dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
     if revision:
@@ -57,9 +50,8 @@ def load_base(name_or_path: str, *, torch_dtype: torch.dtype | None = None, revi
         pipe = DiffusionPipeline.from_pretrained(str(path) if path.is_dir() else name_or_path,
                                                  local_files_only=local_files_only, **kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
-            f"{name_or_path}: cannot load the model ({first}). Check the hub id or download it and pass the local folder."
+            f"{name_or_path}: cannot load the model ({first_line(e)}). Check the hub id or download it and pass the local folder."
         ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe

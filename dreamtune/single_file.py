@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from . import __version__
-from .errors import ModelLoadError
-from .io import save_safetensors
+from .errors import ModelLoadError, first_line
+from .io import looks_local, save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def _load_pipeline_folder(path: Path):
     try:
         return StableDiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None)
     except Exception as e:  # diffusers raises many types for a broken folder
-        raise ModelLoadError(f"{path}: cannot be loaded as a StableDiffusionPipeline ({_first_line(e)}).") from None
+        raise ModelLoadError(f"{path}: cannot be loaded as a StableDiffusionPipeline ({first_line(e)}).") from None
 
 
 def export_single_file(pipeline_or_dir, out_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -404,14 +404,9 @@ def export_single_file(pipeline_or_dir, out_path: str | os.PathLike, *, dtype: t
 _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
-
-
 def _first_sentence(error: BaseException) -> str:
     # diffusers appends advice about its own loading flags, which does not apply here.
-    return _first_line(error).split(". ")[0].replace("Cannot load  because ", "")
+    return first_line(error).split(". ")[0].replace("Cannot load  because ", "")
 
 
 def _looks_like_safetensors(path: Path) -> bool:
@@ -472,7 +467,7 @@ def inspect_single_file(path: str | os.PathLike) -> tuple[list[str], dict[str, s
             keys = list(handle.keys())
             metadata = dict(handle.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ModelLoadError(f"{path}: not a valid safetensors file ({_first_line(e)}); re-download or re-export it.") \
+        raise ModelLoadError(f"{path}: not a valid safetensors file ({first_line(e)}); re-download or re-export it.") \
             from None
     _check_is_sd_checkpoint(path, keys)
     return keys, metadata
@@ -537,7 +532,7 @@ def _resolve_config(path: Path, config: str | os.PathLike | None, metadata: dict
         origin = f"{repo} (the configs diffusers picks for this checkpoint)"
     else:
         repo = str(config)
-        if repo.count("/") > 1 or repo.startswith((".", "/", "~")):
+        if looks_local(repo):
             raise ModelLoadError(f"config={repo}: no such folder; pass a diffusers pipeline folder or a hub id.")
         origin = f"config={repo}"
 
@@ -553,7 +548,7 @@ def _resolve_config(path: Path, config: str | os.PathLike | None, metadata: dict
                 "to download them."
             ) from None
         raise ModelLoadError(
-            f"{path}: cannot get component configs {repo} ({_first_line(e)}); pass config=<a diffusers folder of "
+            f"{path}: cannot get component configs {repo} ({first_line(e)}); pass config=<a diffusers folder of "
             f"the same architecture>{hint}."
         ) from None
 

@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelLoadError, first_line
 
 # A new token is written <name>: no spaces (the tokenizer would split it) and no path characters,
 # because diffusers' convention names the embedding file after the token. A multi-vector token's
 # extra vectors are <name>_1, <name>_2, ... as diffusers' load_textual_inversion names them.
 NEW_TOKEN_RE = re.compile(r"^<[^<>\s/\\]+>(_\d+)?$")
+# In CLIP's BPE vocabulary ids follow merge order, which follows frequency in the training text:
+# low ids are common words. Identifiers below this id are likely to carry a meaning already.
+COMMON_TOKEN_ID_LIMIT = 10_000
 
 
 def is_new_token(identifier: str) -> bool:
@@ -40,6 +44,51 @@ def single_token_id(tokenizer, word: str, *, what: str = "initializer_token") ->
             "single-token word such as 'dog' or 'toy'. Set initializer_token in the concept to one."
         )
     return ids[0]
+
+
+def initializers(concepts, *, where: str = "concepts") -> dict[str, str]:
+    """Each concept's identifier -> its initializer word (`initializer_token`, else the class noun), in order.
+
+    A ConfigError when two concepts share an identifier but not its initializer.
+    """
+    found: dict[str, str] = {}
+    for c in concepts:
+        identifier, initializer = c.config.identifier, c.config.initializer_token or c.config.class_noun
+        if found.setdefault(identifier, initializer) != initializer:
+            raise ConfigError(
+                f"{where}: '{identifier}' is used by two concepts with different initializers "
+                f"('{found[identifier]}', '{initializer}'); give each concept its own token.")
+    return found
+
+
+def read_embedding_file(path: Path) -> dict[str, torch.Tensor]:
+    """The `{token: rows}` of an embedding file in safetensors form, whatever its suffix.
+
+    diffusers' Custom Diffusion script writes safetensors content under the name `<token>.bin`.
+    Pickled files are refused: loading one can run code.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{path}: not a safetensors file ({first_line(e)}); dreamtune loads embeddings only from "
+                             "safetensors (re-save the pickled file with safetensors.torch.save_file).") from None
+
+
+def load_token_files(pipe, files: dict[str, Path]) -> None:
+    """Add each token to a pipeline from its embedding file with diffusers' `load_textual_inversion`."""
+    vocab = pipe.tokenizer.get_vocab()
+    for token, path in files.items():
+        path = Path(path)
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: missing; the artifact lists the token {token} but has no embedding file for it.")
+        if token in vocab:
+            raise ModelLoadError(
+                f"{path.parent}: the token {token} is already in the pipeline's tokenizer (another artifact added it); "
+                "artifacts loaded together need different tokens.")
+        pipe.load_textual_inversion(read_embedding_file(path), token=token)
 
 
 def add_tokens(tokenizer, text_encoder, tokens: Sequence[str], initializer_words: Sequence[str] | str) -> list[int]:
@@ -141,3 +190,51 @@ class TrainableTokens:
         self._hook.remove()
         self.embedding._parameters.pop(self.PARAM_NAME, None)
         self.embedding._buffers.pop("added_rows_lookup", None)
+
+
+def token_ids(tokenizer, word: str) -> list[int]:
+    """The token ids of a word, without the start and end tokens."""
+    return tokenizer(word, add_special_tokens=False).input_ids
+
+
+def check_identifier(tokenizer, identifier: str) -> list[str]:
+    """Warnings for an identifier that is several tokens or a common word (it should be rare)."""
+    if not identifier or identifier.startswith("<"):
+        return []
+    warnings = []
+    for word in identifier.split():
+        ids = token_ids(tokenizer, word)
+        if len(ids) > 1:
+            warnings.append(
+                f"identifier '{word}' is {len(ids)} tokens in this tokenizer; a single rare token is best (see `dreamtune tokens`)."
+            )
+        elif ids and ids[0] < COMMON_TOKEN_ID_LIMIT:
+            warnings.append(
+                f"identifier '{word}' is a common token (id {ids[0]}); the model already has a meaning for it, which "
+                "the subject must overwrite. Pick a rare one with `dreamtune tokens`."
+            )
+    return warnings
+
+
+def rare_tokens(tokenizer, count: int = 20, *, min_chars: int = 3, max_chars: int = 4) -> list[tuple[str, int]]:
+    """Short, rarely used whole-word tokens of a CLIP tokenizer, as the DreamBooth paper recommends.
+
+    Returns (token, id) pairs: lowercase letters only, `min_chars` to `max_chars` long, single tokens,
+    from the rare end of the vocabulary, evenly spread over it so the list is not all one prefix.
+    """
+    vocab = tokenizer.get_vocab()
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    candidates = []
+    pattern = re.compile(rf"^[a-z]{{{min_chars},{max_chars}}}</w>$")
+    for token, idx in vocab.items():
+        if idx < COMMON_TOKEN_ID_LIMIT * 3 or idx in special or not pattern.match(token):
+            continue
+        word = token[: -len("</w>")]
+        if not re.search(r"[aeiou]", word) or token_ids(tokenizer, word) != [idx]:
+            continue
+        candidates.append((word, idx))
+    candidates.sort(key=lambda t: t[1])
+    if len(candidates) <= count:
+        return candidates
+    stride = len(candidates) / count
+    return [candidates[int(i * stride)] for i in range(count)]

@@ -23,15 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from .concepts import check_identifier, load_concept
 from .config import TrainConfig, config_to_toml
+from .data.concepts import load_concept
 from .data.dataset import Example, TrainData, keyed_generator
-from .data.priors import class_folder, generate_class_images, has_captions, load_class_images
+from .data.priors import default_class_dir, generate_class_images, has_captions, load_class_images
 from .errors import ConfigError, DreamtuneError, TrainingDiverged
 from .io import write_text
 from .logs import MetricsLog
 from .methods import Components, Method, get_method
 from .pipeline import load_base
+from .tokens import check_identifier
 
 logger = logging.getLogger(__name__)
 
@@ -432,15 +433,21 @@ def make_accelerator(config: TrainConfig, output_dir: Path):
 def prepare_priors(config: TrainConfig, pipe, concepts: list, accelerator, *, progress: bool) -> list:
     """Each concept's class images: real ones with captions, or generated (shared out over processes)."""
     pipe.to(accelerator.device)
+    sampling = dict(resolution=config.resolution, steps=config.class_generation_steps,
+                    guidance=config.class_generation_guidance)
     priors = []
     for c in concepts:
-        folder = class_folder(c.config, config.pretrained_model_name_or_path, config)
+        folder = Path(c.config.class_data_dir).expanduser() if c.config.class_data_dir else \
+            default_class_dir(config.pretrained_model_name_or_path, c.class_prompt, **sampling)
         if not has_captions(folder):
-            generate_class_images(pipe, c.class_prompt, folder, config.num_class_images, config,
+            generate_class_images(pipe, c.class_prompt, folder, config.num_class_images, **sampling,
+                                  batch_size=config.sample_batch_size, seed=config.seed,
                                   rank=accelerator.process_index, world_size=accelerator.num_processes,
                                   progress=progress and accelerator.is_main_process)
         accelerator.wait_for_everyone()
-        priors.append(load_class_images(c.config, folder, config))
+        priors.append(load_class_images(folder, c.class_prompt, config.num_class_images,
+                                        prompt_source=config.class_prompt_source,
+                                        skip_bad_images=config.skip_bad_images))
     return priors
 
 

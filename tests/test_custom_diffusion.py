@@ -175,7 +175,7 @@ def test_all_cross_attention_projections_and_compression(tiny_model_dir, subject
 
     pipe = load_base(str(tiny_model_dir))
     config = _cd_config(tiny_model_dir, subject_dir, tmp_path, train_params="crossattn")
-    from dreamtune.concepts import load_concept
+    from dreamtune.data.concepts import load_concept
 
     groups = CustomDiffusion(config).prepare(Components.from_pipeline(pipe, "tiny"), [load_concept(config.concepts[0])])
     names = {n for n, p in pipe.unet.named_parameters() if p.requires_grad}
@@ -256,7 +256,7 @@ def test_token_helpers_and_their_errors(tiny_model_dir):
 
 
 def test_class_prompts_are_cached_while_token_rows_train(tiny_model_dir, subject_dir, tmp_path):
-    from dreamtune.concepts import load_concept
+    from dreamtune.data.concepts import load_concept
     from dreamtune.data.dataset import ImageSet, TrainData
     from dreamtune.methods import Components
     from dreamtune.methods.custom_diffusion import CustomDiffusion
@@ -286,7 +286,7 @@ def test_class_prompts_are_cached_while_token_rows_train(tiny_model_dir, subject
 
 
 def test_method_errors(tiny_model_dir, subject_dir, tmp_path):
-    from dreamtune.concepts import load_concept
+    from dreamtune.data.concepts import load_concept
     from dreamtune.methods import Components
     from dreamtune.methods.custom_diffusion import CustomDiffusion
     from dreamtune.pipeline import load_base
@@ -310,8 +310,8 @@ def test_method_errors(tiny_model_dir, subject_dir, tmp_path):
 
 # --- augmentation and joint batches (dreamtune.data.dataset) ---------------------------------
 def _train_data(subject_dir, *, augment, random_flip=False, concepts=1):
-    from dreamtune.concepts import Concept
     from dreamtune.config import ConceptConfig
+    from dreamtune.data.concepts import Concept
     from dreamtune.data.dataset import ImageSet, TrainData
 
     images = [Image.open(p).convert("RGB") for p in sorted(subject_dir.glob("*.png"))]

@@ -155,8 +155,8 @@ def test_cli_errors_are_one_line(capsys, tmp_path, tiny_model_dir, subject_dir):
 
 
 def test_tokens_lists_single_rare_tokens_and_warns_on_common(capsys, tiny_model_dir):
-    from dreamtune.concepts import check_identifier, rare_tokens
     from dreamtune.pipeline import load_base
+    from dreamtune.tokens import check_identifier, rare_tokens
 
     tokenizer = load_base(str(tiny_model_dir)).tokenizer
     found = rare_tokens(tokenizer, 10)

@@ -64,7 +64,7 @@ def test_only_lora_parameters_train(lora_run, tiny_model_dir):
 
 
 def test_trainable_set_follows_target_modules(make_config, tiny_model_dir):
-    from dreamtune.concepts import load_concept
+    from dreamtune.data.concepts import load_concept
     from dreamtune.methods import Components
     from dreamtune.methods.lora import LoRA
 

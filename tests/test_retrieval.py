@@ -39,7 +39,7 @@ def _cosines(model_dir, prompt, captions):
 
 
 def test_retrieve_ranks_by_text_similarity_and_writes_a_class_folder(collection, tiny_model_dir, tmp_path):
-    from dreamtune.config import ConceptConfig, load_config
+    from dreamtune.config import ConceptConfig
     from dreamtune.data.priors import has_captions, load_class_images
 
     out = tmp_path / "reg"
@@ -59,8 +59,7 @@ def test_retrieve_ranks_by_text_similarity_and_writes_a_class_folder(collection,
 
     # Training reads the folder as real class images, with the captions as the prior prompts.
     assert has_captions(out)
-    config = load_config(None, num_class_images=4, resolution=32)
-    prior = load_class_images(ConceptConfig(class_noun="dog"), out, config)
+    prior = load_class_images(out, ConceptConfig(class_noun="dog").class_prompt_text, 4)
     assert prior.prompts == [r["caption"] for r in images]
 
 

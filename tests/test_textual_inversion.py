@@ -61,7 +61,7 @@ def test_only_the_new_vectors_train(ti_run, tiny_model_dir):
 
 
 def test_optimizer_state_is_only_the_new_rows(make_config, tiny_model_dir):
-    from dreamtune.concepts import load_concept
+    from dreamtune.data.concepts import load_concept
     from dreamtune.methods import Components
     from dreamtune.methods.textual_inversion import TextualInversion
 

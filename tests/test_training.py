@@ -93,9 +93,9 @@ def test_class_images_are_generated_once_and_resume(make_config, tmp_path, monke
     calls = []
     real = priors.generate_class_images
 
-    def spy(pipe, prompt, folder, count, cfg, **kw):
+    def spy(pipe, prompt, folder, count, **kw):
         calls.append(len([i for i in range(count) if not (folder / f"{i:05d}.png").exists()]))
-        return real(pipe, prompt, folder, count, cfg, **kw)
+        return real(pipe, prompt, folder, count, **kw)
 
     monkeypatch.setattr("dreamtune.training.generate_class_images", spy)
     train(config, overwrite=True, progress=False)

@@ -68,8 +68,8 @@ def test_8bit_adam_without_bitsandbytes_says_what_to_do(make_config, monkeypatch
 def test_captions_beside_images_become_prompts(tmp_path, subject_dir):
     import shutil
 
-    from dreamtune.concepts import load_concept
     from dreamtune.config import ConceptConfig
+    from dreamtune.data.concepts import load_concept
 
     folder = tmp_path / "imgs"
     shutil.copytree(subject_dir, folder)
@@ -82,7 +82,7 @@ def test_captions_beside_images_become_prompts(tmp_path, subject_dir):
 
 def test_examples_do_not_depend_on_process_split(make_config):
     """The stream index alone decides an example: its image, flip and crop."""
-    from dreamtune.concepts import load_concept
+    from dreamtune.data.concepts import load_concept
     from dreamtune.data.dataset import TrainData
 
     config = make_config()

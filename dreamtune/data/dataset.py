@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..concepts import Concept
+from .concepts import Concept
 
 FAR_WORDS = ("a far away ", "very small ")
 CLOSE_WORDS = ("zoomed in ", "close up ")
@@ -139,10 +139,6 @@ class TrainData:
     def deterministic(self) -> bool:
         """True when an image always gives the same pixels, so its latents can be cached."""
         return self.center_crop and not self.random_flip and not self.augment
-
-    @property
-    def num_concepts(self) -> int:
-        return len(self.instances)
 
     def _fixed(self, image: Image.Image) -> torch.Tensor:
         return to_tensor(resize_crop(image, self.resolution, center=True, gen=None))

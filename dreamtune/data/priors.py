@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig
 from ..io import save_image, write_json
 from .dataset import ImageSet
 from .images import list_images, load_images, read_caption
@@ -37,10 +36,9 @@ def class_images_key(base_model: str, class_prompt: str, resolution: int, steps:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def default_class_dir(base_model: str, class_prompt: str, config: TrainConfig) -> Path:
-    """Where generated class images for this base model and prompt are kept by default."""
-    key = class_images_key(base_model, class_prompt, config.resolution, config.class_generation_steps,
-                           config.class_generation_guidance)
+def default_class_dir(base_model: str, class_prompt: str, *, resolution: int, steps: int, guidance: float) -> Path:
+    """Where generated class images for this base model, prompt and sampling settings are kept by default."""
+    key = class_images_key(base_model, class_prompt, resolution, steps, guidance)
     slug = re.sub(r"[^a-z0-9]+", "-", class_prompt.lower()).strip("-")[:40] or "class"
     return cache_dir() / "class_images" / f"{slug}-{key}"
 
@@ -50,52 +48,45 @@ def has_captions(folder: Path) -> bool:
     return folder.is_dir() and any(p.suffix == ".txt" for p in folder.iterdir())
 
 
-def generate_class_images(pipe, class_prompt: str, folder: Path, count: int, config: TrainConfig, *,
-                          rank: int = 0, world_size: int = 1, progress: bool = True) -> None:
+def generate_class_images(pipe, class_prompt: str, folder: Path, count: int, *, resolution: int, steps: int,
+                          guidance: float, batch_size: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1,
+                          progress: bool = True) -> None:
     """Generate the missing images 00000.png ... of `folder` with the frozen pipeline, in batches.
 
     Image i uses seed hash(seed, i), and each is written atomically, so the set does not depend on
     interruptions, batch size or how many processes share the work (process r makes i % world == r).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "class_images.json", {"class_prompt": class_prompt, "steps": config.class_generation_steps,
-                                              "guidance": config.class_generation_guidance, "resolution": config.resolution})
+    write_json(folder / "class_images.json", {"class_prompt": class_prompt, "steps": steps, "guidance": guidance,
+                                              "resolution": resolution})
     missing = [i for i in range(count) if not (folder / f"{i:05d}.png").exists() and i % world_size == rank]
     if not missing:
         return
     device = pipe.device
-    batch = config.sample_batch_size
     bar = tqdm(total=len(missing), desc=f"class images '{class_prompt}'", disable=not progress)
-    for start in range(0, len(missing), batch):
-        chunk = missing[start : start + batch]
-        generators = [torch.Generator(device).manual_seed(config.seed * 100_003 + i) for i in chunk]
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        generators = [torch.Generator(device).manual_seed(seed * 100_003 + i) for i in chunk]
         with torch.no_grad():
-            images = pipe([class_prompt] * len(chunk), num_inference_steps=config.class_generation_steps,
-                          guidance_scale=config.class_generation_guidance, generator=generators,
-                          height=config.resolution, width=config.resolution).images
+            images = pipe([class_prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance,
+                          generator=generators, height=resolution, width=resolution).images
         for i, image in zip(chunk, images):
             save_image(image, folder / f"{i:05d}.png")
         bar.update(len(chunk))
     bar.close()
 
 
-def class_folder(concept_config, base_model: str, config: TrainConfig) -> Path:
-    """The class-image folder of a concept: its class_data_dir, or the cache folder for generated ones."""
-    if concept_config.class_data_dir:
-        return Path(concept_config.class_data_dir).expanduser()
-    return default_class_dir(base_model, concept_config.class_prompt_text, config)
-
-
-def load_class_images(concept_config, folder: Path, config: TrainConfig) -> ImageSet:
-    """Load up to num_class_images class images with their prompts (captions when the set is real)."""
-    paths = list_images(folder, what="class_data_dir")[: config.num_class_images]
-    loaded = load_images(paths, skip_bad_images=config.skip_bad_images)
-    use_captions = config.class_prompt_source == "captions" or (
-        config.class_prompt_source == "auto" and has_captions(folder))
+def load_class_images(folder: Path, class_prompt: str, count: int, *, prompt_source: str = "auto",
+                      skip_bad_images: bool = False) -> ImageSet:
+    """Load up to `count` class images with their prompts: captions when `prompt_source` says so
+    ('captions', or 'auto' and the folder has them), else `class_prompt`."""
+    paths = list_images(folder, what="class_data_dir")[:count]
+    loaded = load_images(paths, skip_bad_images=skip_bad_images)
+    use_captions = prompt_source == "captions" or (prompt_source == "auto" and has_captions(folder))
     prompts = []
     for path, _ in loaded:
         caption = read_caption(path) if use_captions else None
-        prompts.append(caption or concept_config.class_prompt_text)
-    if len(loaded) < config.num_class_images:
-        logger.warning("%s: %d class images, fewer than num_class_images=%d", folder, len(loaded), config.num_class_images)
+        prompts.append(caption or class_prompt)
+    if len(loaded) < count:
+        logger.warning("%s: %d class images, fewer than num_class_images=%d", folder, len(loaded), count)
     return ImageSet([im for _, im in loaded], prompts)

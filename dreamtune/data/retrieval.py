@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DreamtuneError
+from ..errors import DreamtuneError, first_line
+from ..io import require_empty
 from .images import IMAGE_SUFFIXES, load_image, read_caption
 
 logger = logging.getLogger(__name__)
@@ -170,8 +171,7 @@ class TextEmbedder:
             model_class = CLIPTextModelWithProjection if has_projection else CLIPTextModel
             model = model_class.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
         except (OSError, ValueError, json.JSONDecodeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RetrievalError(f"'{source}': cannot load a CLIP text model and tokenizer ({first}).") from None
+            raise RetrievalError(f"'{source}': cannot load a CLIP text model and tokenizer ({first_line(e)}).") from None
         return cls(tokenizer, model, model_key(model_dir, type(model).__name__), device)
 
     @torch.no_grad()
@@ -355,9 +355,7 @@ def register(subparsers) -> None:
 
 def cmd_retrieve(args) -> int:
     """Handler of `dreamtune retrieve`."""
-    out = Path(args.out).expanduser()
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise RetrievalError(f"--out '{out}' is not empty: pass --overwrite or choose another folder.")
+    out = require_empty(args.out, overwrite=args.overwrite)
     result = retrieve(args.class_prompt, args.collection, args.n, out, text_model=args.text_model,
                       threshold=args.threshold, base=args.base, batch_size=args.batch_size, cache=not args.no_cache)
     if result.generated_fallback:

@@ -43,7 +43,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import DreamtuneError, ModelLoadError
+from ..errors import DreamtuneError, ModelLoadError, first_line
+from ..io import looks_local
 
 logger = logging.getLogger(__name__)
 
@@ -143,10 +144,6 @@ def _offline(offline: bool) -> bool:
     return bool(offline) or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
 
 
-def _looks_local(model_id: str) -> bool:
-    return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or Path(model_id).expanduser().exists()
-
-
 def _load_error(kind: str, model_id: str, reason: str) -> ModelLoadError:
     return ModelLoadError(
         f"cannot load the {_WHAT[kind]} model '{model_id}' ({reason}). Download it (e.g. `hf download {model_id}`) "
@@ -154,15 +151,10 @@ def _load_error(kind: str, model_id: str, reason: str) -> ModelLoadError:
     )
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
 def _check_local(kind: str, model_id: str) -> str:
     if not model_id:
         raise _load_error(kind, model_id, "no model given")
-    if _looks_local(model_id):
+    if looks_local(model_id):
         path = Path(model_id).expanduser()
         if not path.exists():
             raise ModelLoadError(f"{_WHAT[kind]} model '{model_id}': no such folder. Pass a folder holding the model with {_OPTION[kind]} PATH.")
@@ -264,7 +256,7 @@ class DinoEmbedder(ImageEmbedder):
         except ModelLoadError:
             raise
         except Exception as e:
-            raise _load_error("dino", model_id, _first_line(e)) from None
+            raise _load_error("dino", model_id, first_line(e, 200)) from None
         _check_loading_info("dino", model_id, info, ("pooler",))
         processor = _read_processor_config(source, offline)
         preprocessing = _preprocessing(processor, config.image_size, IMAGENET_MEAN, IMAGENET_STD, Image.BILINEAR, center_crop=False)
@@ -300,7 +292,7 @@ class ClipEmbedder(ImageEmbedder):
         except ModelLoadError:
             raise
         except Exception as e:
-            raise _load_error("clip", model_id, _first_line(e)) from None
+            raise _load_error("clip", model_id, first_line(e, 200)) from None
         _check_loading_info("clip", model_id, info)
         try:
             tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=offline)
@@ -354,7 +346,7 @@ class InceptionEmbedder(ImageEmbedder):
         offline = _offline(offline)
         path = Path(model_id).expanduser()
         try:
-            if offline and not _looks_local(model_id):
+            if offline and not looks_local(model_id):
                 # timm has no offline switch of its own: take the weights file from the local hub cache.
                 from huggingface_hub import hf_hub_download
 
@@ -362,14 +354,14 @@ class InceptionEmbedder(ImageEmbedder):
             if path.is_file():
                 model = timm.create_model("inception_v3", pretrained=True, num_classes=0,
                                           pretrained_cfg_overlay={"file": str(path)})
-            elif _looks_local(model_id):
+            elif looks_local(model_id):
                 raise _load_error("inception", model_id, "no such file")
             else:
                 model = timm.create_model(f"hf-hub:{model_id}", pretrained=True, num_classes=0)
         except ModelLoadError:
             raise
         except Exception as e:
-            raise _load_error("inception", model_id, _first_line(e)) from None
+            raise _load_error("inception", model_id, first_line(e, 200)) from None
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         size = int((cfg.get("input_size") or (3, 299, 299))[-1])
         preprocessing = Preprocessing(size=size, mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
@@ -401,11 +393,6 @@ def load_embedder(kind: str, model_id: str | None = None, *, offline: bool = Fal
     if key not in _CACHE:
         _CACHE[key] = _EMBEDDERS[kind](model_id, offline=offline, device=device)
     return _CACHE[key]
-
-
-def clear_model_cache() -> None:
-    """Forget the loaded feature models (frees their memory)."""
-    _CACHE.clear()
 
 
 def _embedder(model: str | ImageEmbedder | None, kind: str, offline: bool, device: str | None) -> ImageEmbedder:

@@ -33,7 +33,7 @@ import torch
 
 from ..config import opt
 from ..errors import ConfigError, ModelLoadError
-from ..tokens import TrainableTokens, add_tokens, is_new_token
+from ..tokens import TrainableTokens, add_tokens, initializers, is_new_token, load_token_files
 from .base import Components, Method
 
 logger = logging.getLogger(__name__)
@@ -133,18 +133,11 @@ class CustomDiffusion(Method):
                 self._hooks.append(module.register_forward_hook(_detach_start_token))
 
         for c in concepts:
-            identifier = c.config.identifier
-            if not is_new_token(identifier):
+            if not is_new_token(c.config.identifier):
                 logger.warning(
                     "custom_diffusion: identifier '%s' is an existing word, so no modifier token is learned; "
-                    "Custom Diffusion uses a new token such as identifier = '<new1>'.", identifier)
-                continue
-            initializer = c.config.initializer_token or c.config.class_noun
-            if self.initializers.get(identifier, initializer) != initializer:
-                raise ConfigError(
-                    f"concepts: '{identifier}' is used by two concepts with different initializers "
-                    f"('{self.initializers[identifier]}', '{initializer}'); give each concept its own token.")
-            self.initializers[identifier] = initializer
+                    "Custom Diffusion uses a new token such as identifier = '<new1>'.", c.config.identifier)
+        self.initializers = initializers([c for c in concepts if is_new_token(c.config.identifier)])
         self.tokens = list(self.initializers)
         text_params = []
         if self.tokens:
@@ -218,7 +211,7 @@ class CustomDiffusion(Method):
                 raise ModelLoadError(
                     f"{folder}: the pipeline already holds Custom Diffusion weights; two such artifacts replace each "
                     "other's weights. Combine them with `dreamtune merge` and load the merged artifact.")
-        load_token_files(pipe, folder, info.tokens)
+        load_token_files(pipe, token_files(info))
         if full_weights:
             pipe.unet.load_attn_procs(str(folder), weight_name=WEIGHT_NAME, _pipeline=pipe)
         elif (folder / LORA_WEIGHT_NAME).is_file():
@@ -296,15 +289,7 @@ def save_token_files(embeddings: dict[str, torch.Tensor], folder: Path) -> None:
         save_safetensors({token: row.float()}, Path(folder) / f"{token}.safetensors", {"format": "pt"})
 
 
-def load_token_files(pipe, folder: Path, tokens: list[str]) -> None:
-    """Add an artifact's tokens to a pipeline with diffusers' `load_textual_inversion`."""
-    vocab = pipe.tokenizer.get_vocab()
-    for token in tokens:
-        path = Path(folder) / f"{token}.safetensors"
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: missing; the artifact lists the token {token} but has no embedding for it.")
-        if token in vocab:
-            raise ModelLoadError(
-                f"{folder}: the token {token} is already in the pipeline's tokenizer (another artifact added it); "
-                "artifacts loaded together need different tokens.")
-        pipe.load_textual_inversion(str(path), token=token)
+def token_files(info) -> dict[str, Path]:
+    """Each modifier token's embedding file in an artifact (`<token>.safetensors`, as the metadata lists)."""
+    files = info.extra.get("token_files") or {t: f"{t}.safetensors" for t in info.tokens}
+    return {t: info.path / files[t] for t in info.tokens}

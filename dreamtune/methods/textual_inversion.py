@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from ..config import opt
-from ..errors import ConfigError, ModelLoadError
-from ..tokens import TrainableTokens, add_tokens, is_new_token
+from ..errors import ConfigError
+from ..tokens import TrainableTokens, add_tokens, initializers, is_new_token, load_token_files
 from .base import Components, Method
 
 logger = logging.getLogger(__name__)
@@ -94,12 +94,7 @@ class TextualInversion(Method):
                     f"concepts[{index}].identifier: '{identifier}' is not a new token; Textual Inversion learns a new "
                     f"word written like <{identifier.strip('<>') or 'new1'}> (set identifier in the concept)."
                 )
-            initializer = c.config.initializer_token or c.config.class_noun
-            if self.initializers.setdefault(identifier, initializer) != initializer:
-                raise ConfigError(
-                    f"concepts[{index}]: '{identifier}' is used by two concepts with different initializers "
-                    f"('{self.initializers[identifier]}', '{initializer}'); give each concept its own token."
-                )
+        self.initializers = initializers(concepts)
         self.tokens = list(self.initializers)
         self.vectors = {t: vector_tokens(t, self.options.num_vectors) for t in self.tokens}
         all_tokens = [v for t in self.tokens for v in self.vectors[t]]
@@ -140,14 +135,4 @@ class TextualInversion(Method):
 
         info = read_artifact(folder)
         files = info.extra.get("token_files") or {t: EMBEDDINGS_FILE for t in info.tokens}
-        vocab = pipe.tokenizer.get_vocab()
-        for token in info.tokens:
-            path = info.path / files[token]
-            if not path.is_file():
-                raise ModelLoadError(f"{path}: missing; the artifact lists the token {token} but has no embedding file for it.")
-            if token in vocab:
-                raise ModelLoadError(
-                    f"{info.path}: the token {token} is already in the pipeline's tokenizer (another artifact added it); "
-                    "artifacts loaded together need different tokens."
-                )
-            pipe.load_textual_inversion(str(path), token=token)
+        load_token_files(pipe, {t: info.path / files[t] for t in info.tokens})

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DreamtuneError
-from ..io import save_image, write_json, write_text
+from ..io import require_empty, save_image, write_json, write_text
+from ..logs import quiet_libraries
 from . import MODEL_DIR, oracle
 from .quality import DEFAULT_GUIDANCE
 from .subjects import Subject, class_prompt, get_subject, subject_prompts, write_subject_images
@@ -202,17 +203,6 @@ Class diversity: chance that two of those images differ in an attribute.</p>
 """
 
 
-def _quiet_libraries() -> None:
-    # Loading bars and notices of diffusers and transformers would bury the demo's own progress.
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-
-
 def run_demo(subject: str = "striped_star", method: str = "all", steps: int | None = None,
              output_dir: str | Path = "dreamtune-demo", overwrite: bool = False, seed: int = 0,
              progress: bool = True, quiet: bool = False) -> list[ModelScores]:
@@ -229,13 +219,12 @@ def run_demo(subject: str = "striped_star", method: str = "all", steps: int | No
     if not (MODEL_DIR / "model_index.json").exists():
         raise DreamtuneError(f"the shapes-world base model is missing from {MODEL_DIR}; reinstall dreamtune "
                              "(`pip install -c constraints.txt -e .` in a clone) to get it back")
-    out = Path(output_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise DreamtuneError(f"--output-dir {out} is not empty: pass --overwrite to replace it")
+    out = require_empty(output_dir, overwrite=overwrite, option="--output-dir")
+    if out.exists():
         shutil.rmtree(out)
     say = (lambda *a: None) if quiet else print
-    _quiet_libraries()
+    # Loading bars and notices of diffusers and transformers would bury the demo's own progress.
+    quiet_libraries()
     started = time.monotonic()
     instance_dir = out / "subject"
     write_subject_images(chosen, instance_dir)
