@@ -17,6 +17,7 @@ from .logs import quiet_libraries
 EXTENSIONS = (
     "dreamtune.evaluate.cli",
     "dreamtune.world.cli",
+    "dreamtune.ui.cli",
 )
 
 

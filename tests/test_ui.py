@@ -1,0 +1,372 @@
+"""The web UI through its HTTP API (gradio_client): a real server on a free localhost port, a real
+`dreamtune train` process on the shipped shapes-world model, sampling, the run list, bad input.
+And, opt-in (`-m browser`), the same journey in headless chromium driven by selenium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from dreamtune.ui import runs as R
+from dreamtune.ui import schema
+
+# Bounded waits: a run that does not finish in time fails with its log, it never hangs the suite.
+RUN_TIMEOUT = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_jobs(root: Path) -> None:
+    """End the training processes this test started (by their recorded process ids)."""
+    for record in R.jobs_dir(root).glob("*.json"):
+        pid = json.loads(record.read_text()).get("pid")
+        if R._alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from gradio_client import Client
+
+    from dreamtune.ui.app import launch
+
+    root = tmp_path_factory.mktemp("ui") / "runs"
+    port = free_port()
+    app = launch(root, port=port, block=False)
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False,
+                    download_files=str(tmp_path_factory.mktemp("downloads")))
+    yield client, root
+    kill_jobs(root)
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def subject_files(tmp_path_factory):
+    from dreamtune.world import write_subject_images
+
+    folder = tmp_path_factory.mktemp("star")
+    write_subject_images("striped_star", folder)
+    return sorted(str(p) for p in folder.glob("*.png"))
+
+
+def wait_until_done(client, name: str) -> str:
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while time.monotonic() < deadline:
+        status = client.predict(name, api_name="/poll")[3]
+        if "finished" in status or "failed" in status or "stopped" in status:
+            return status
+        time.sleep(1)
+    raise AssertionError(f"run {name} did not end within {RUN_TIMEOUT} s; output:\n"
+                         + client.predict(name, api_name="/poll")[4])
+
+
+def test_advanced_panel_has_every_option_of_the_schema(server):
+    from dreamtune.config import options_help
+
+    client, _ = server
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/start"]
+    params = {p["parameter_name"]: p for p in api["parameters"]}
+    names = [name for _, name, _, _ in options_help()]
+    assert set(names) <= set(params) | set(schema.MAIN_OPTIONS) | {"pretrained_model_name_or_path"}
+    for o in schema.advanced_options():
+        assert params[o.name]["parameter_has_default"], o.name
+    assert {o.name for o in schema.advanced_options()}.isdisjoint(schema.MAIN_OPTIONS)
+
+
+def test_train_five_steps_sample_and_list(server, subject_files, tmp_path):
+    from gradio_client import handle_file
+    from PIL import Image
+
+    from dreamtune import load_config, load_pipeline, sample
+    from dreamtune.cli import build_config, build_parser
+    from dreamtune.config import config_to_toml
+
+    client, root = server
+    message, command, current = client.predict(
+        name="star-lora", files=[handle_file(f) for f in subject_files], method="lora", class_noun="star",
+        steps=5, learning_rate=1e-3, validation_steps=0, num_validation_images=1, validation_inference_steps=2,
+        api_name="/start")
+    assert current == "star-lora", message
+    # While it runs, a second job is refused, and the message says it was not queued.
+    refused = client.predict(name="second", files=[handle_file(f) for f in subject_files], class_noun="star",
+                             api_name="/start")[0]
+    assert "one job at a time" in refused and "not queued" in refused
+    assert not (root / "second").exists()
+
+    status = wait_until_done(client, "star-lora")
+    assert "finished" in status, client.predict("star-lora", api_name="/poll")[4]
+    run = root / "star-lora"
+    assert len(R.read_metrics(run)) == 5
+    assert (run / "artifact" / "pytorch_lora_weights.safetensors").is_file()
+    grids = client.predict("star-lora", api_name="/poll")[2]
+    assert [Path(g["image"]).name for g in grids] == ["step-000005.png"]
+
+    # The command shown is the run: parsed by the CLI it resolves to the config the run wrote.
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert config_to_toml(build_config(args)) == (run / "config.toml").read_text()
+    assert load_config(run / "config.toml").method == "lora"
+
+    # Sample tab: the images are those of `dreamtune.sample` with the same settings, each PNG carrying them.
+    markdown, gallery, files = client.predict(run="star-lora", prompt="a photo of a sks star", count=2, seed=3,
+                                              steps=4, guidance=3.0, api_name="/sample")
+    assert "dreamtune sample --weights" in markdown
+    expected = sample(load_pipeline(None, run), "a photo of a sks star", num_images=2, seed=3, steps=4, guidance=3.0)
+    for i, item in enumerate(gallery):
+        with Image.open(item["image"]) as image:
+            settings = json.loads(image.info["parameters"])
+            assert settings["seed"] == 3 + i and settings["steps"] == 4
+            assert list(image.convert("RGB").getdata()) == list(expected[i].getdata())
+    assert len(files) == 2
+
+    table = client.predict(api_name="/runs")[0]["data"]
+    assert ["star-lora", "finished", "lora", "5/5", ""] in table
+
+    # Compare tab: a shapes-world run gets the demo's oracle table, base model first.
+    from dreamtune.world import MODEL_DIR
+    from dreamtune.world.demo import score_model
+    from dreamtune.world.subjects import get_subject
+
+    message, table, _ = client.predict(names=["star-lora"], subject="striped_star", images_per_prompt=1,
+                                       api_name="/compare")
+    rows = table["data"]
+    assert [r[0] for r in rows] == ["base model", "star-lora"], message
+    base, _ = score_model("base model", load_pipeline(str(MODEL_DIR)), get_subject("striped_star"), "sks", seed=0,
+                          images_per_prompt=1)
+    assert rows[0][1:] == [round(base.subject_fidelity, 2), round(base.prompt_fidelity, 2),
+                           round(base.language_drift, 2), round(base.class_diversity, 2)]
+
+
+def test_bad_input_is_one_line_and_uploads_are_kept(server, subject_files, tmp_path):
+    from gradio_client import handle_file
+
+    client, root = server
+    note = tmp_path / "notes.pdf"
+    note.write_text("not an image")
+    message = client.predict(name="bad-upload", files=[handle_file(subject_files[0]), handle_file(str(note))],
+                             class_noun="star", api_name="/start")[0]
+    assert message.startswith("**Error:** notes.pdf: not an image") and "\n" not in message
+    kept = root / R.UPLOADS / "bad-upload"
+    assert sorted(p.name for p in kept.iterdir()) == sorted([Path(subject_files[0]).name, "notes.pdf"])
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG not really")
+    message = client.predict(name="bad-image", files=None, folder=str(broken), class_noun="star", api_name="/start")[0]
+    assert "a.png: not a readable image" in message  # the CLI's own line
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = client.predict(name="no-images", files=None, folder=str(empty), class_noun="star", api_name="/start")[0]
+    assert "no images in" in message
+    message = client.predict(name="bad-lr", files=None, folder=str(empty), class_noun="star", learning_rate=-1,
+                             api_name="/start")[0]
+    assert "learning_rate" in message and ">= 0" in message
+    message = client.predict(name="../escape", files=None, folder=str(empty), api_name="/start")[0]
+    assert "run name" in message
+    message = client.predict(run="(base model only)", prompt="", artifact="", negative="", api_name="/sample")[0]
+    assert "prompt is empty" in message
+    assert R.Jobs(root).running() is None  # nothing was started
+
+
+def test_compare_evaluates_other_runs_with_dreamtune_eval(make_config, tmp_path):
+    from dreamtune.evaluate.tiny_models import save_tiny_clip, save_tiny_dino
+    from dreamtune.training import train
+    from dreamtune.ui.app import Face
+
+    train(make_config(output_dir=str(tmp_path / "runs" / "dog"), max_train_steps=2), progress=False)
+    face = Face(tmp_path / "runs")
+    message, table, frame = face.compare(["dog"], "striped_star", 1, str(save_tiny_dino(tmp_path / "dino")),
+                                         str(save_tiny_clip(tmp_path / "clip")), True)
+    saved = json.loads((tmp_path / "runs" / "dog" / "eval" / "metrics.json").read_text())
+    assert table[0][0] == "dog" and table[0][1] == round(saved["summary"]["dino"], 3)
+    assert frame.startswith("<iframe") and "report" in frame
+    assert "dreamtune eval" in message
+
+
+def test_train_argv_writes_only_what_differs_from_the_method_defaults():
+    defaults = schema.method_defaults("custom_diffusion")
+    main = {"method": "custom_diffusion", "max_train_steps": 7, "class_noun": "star", "identifier": "<new1>"}
+    advanced = {o.name: defaults.get(o.name, o.default) for o in schema.advanced_options()}
+    advanced["lr_scheduler"] = "cosine"
+    advanced["validation_prompts"] = '["a {identifier} star"]'
+    argv = schema.train_argv(main, advanced, method="custom_diffusion")
+    sets = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "--set"]
+    assert sets == ["method=custom_diffusion", "max_train_steps=7", "concepts.0.identifier=<new1>",
+                    "concepts.0.class_noun=star", "lr_scheduler=cosine", 'validation_prompts=["a {identifier} star"]']
+
+
+def test_run_status_from_the_folder_and_the_job_record(tmp_path):
+    root = tmp_path
+    (root / "done" / "artifact").mkdir(parents=True)
+    (root / "done" / "artifact" / "dreamtune.json").write_text("{}")
+    (root / "half" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    R.jobs_dir(root).mkdir(parents=True)
+    (R.jobs_dir(root) / "broken.json").write_text(json.dumps({"pid": 2 ** 22 + 7, "argv": []}))
+    (R.jobs_dir(root) / "broken.log").write_text("loading\ndreamtune: error: concepts[0].instance_data_dir: no images\n")
+    (root / "uploads" / "x").mkdir(parents=True)  # not a run
+    statuses = {i.name: (i.status, i.error) for i in R.list_runs(root)}
+    assert statuses == {"done": ("finished", ""), "half": ("stopped", ""),
+                        "broken": ("failed", "concepts[0].instance_data_dir: no images")}
+
+
+# ---- in a real browser ----
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+PAGE_TIMEOUT = 60
+
+
+def wait_for(driver, what: str, condition, timeout: float = PAGE_TIMEOUT):
+    """Poll `condition(driver)` until it returns something truthy; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            result = condition(driver)
+            if result:
+                return result
+        except Exception as e:  # the page is re-rendering: try again until the deadline
+            last_error = e
+        time.sleep(0.5)
+    raise AssertionError(f"waited {timeout:.0f} s for {what}" + (f" (last error: {last_error})" if last_error else ""))
+
+
+def field(driver, elem_id: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea, #{elem_id} input")
+
+
+def type_into(driver, elem_id: str, text: str) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    box = field(driver, elem_id)
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.DELETE)
+    box.send_keys(text)
+    box.send_keys(Keys.TAB)
+
+
+def text_of(driver, elem_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, elem_id).text
+
+
+def open_tab(driver, name: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    tab = wait_for(driver, f"the {name} tab", lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]")
+                                                         if b.text.strip() == name])
+    tab[0].click()
+
+
+@pytest.mark.browser
+def test_train_sample_and_runs_in_a_browser(tmp_path):
+    """Opt-in (`-m browser`; `.ci/run` runs it): upload a shapes-world subject's images, train, wait for the
+    validation grid, sample, read the run list, with a screenshot at each stage in the test's output folder
+    (and in $DREAMTUNE_UI_SCREENSHOTS when set: the README's screenshots). Every wait is bounded."""
+    from selenium.webdriver.common.by import By
+
+    from dreamtune.ui.app import launch
+    from dreamtune.world import write_subject_images
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    extra = os.environ.get("DREAMTUNE_UI_SCREENSHOTS")
+
+    def screenshot(driver, name: str) -> None:
+        driver.save_screenshot(str(shots / f"{name}.png"))
+        if extra:
+            Path(extra).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shots / f"{name}.png", Path(extra) / f"{name}.png")
+
+    subject = tmp_path / "subject"
+    write_subject_images("striped_star", subject)
+    root = tmp_path / "runs"
+    port = free_port()
+    app = launch(root, port=port, block=False)
+    started = time.monotonic()
+    driver = None
+    try:
+        driver = _start_browser()
+        driver.get(f"http://127.0.0.1:{port}/")
+        wait_for(driver, "the Start button", lambda d: d.find_element(By.ID, "dt-start").is_displayed())
+
+        type_into(driver, "dt-run-name", "striped-star")
+        type_into(driver, "dt-class-noun", "star")
+        type_into(driver, "dt-steps", "5")
+        upload = driver.find_element(By.CSS_SELECTOR, "#dt-files input[type=file]")
+        upload.send_keys("\n".join(str(p) for p in sorted(subject.glob("*.png"))))
+        wait_for(driver, "the 5 uploaded images to be listed",
+                 lambda d: len([e for e in d.find_elements(By.CSS_SELECTOR, "#dt-files tr") if ".png" in e.text]) >= 5)
+        screenshot(driver, "1-train")
+
+        driver.find_element(By.ID, "dt-start").click()
+        wait_for(driver, "the run to start", lambda d: "Started run 'striped-star'" in text_of(d, "dt-message"))
+        wait_for(driver, "the validation grid and 'finished'",
+                 lambda d: "finished" in text_of(d, "dt-status") and d.find_elements(By.CSS_SELECTOR, "#dt-grids img"),
+                 timeout=RUN_TIMEOUT)
+        screenshot(driver, "2-trained")
+
+        open_tab(driver, "Sample")
+        type_into(driver, "dt-sample-run", "striped-star")
+        type_into(driver, "dt-prompt", "a photo of a sks star on a green background")
+        driver.find_element(By.ID, "dt-generate").click()
+        wait_for(driver, "4 sampled images", lambda d: len(d.find_elements(By.CSS_SELECTOR, "#dt-gallery img")) >= 4,
+                 timeout=RUN_TIMEOUT)
+        assert "dreamtune sample --weights" in text_of(driver, "dt-sample-message")
+        screenshot(driver, "3-sample")
+
+        open_tab(driver, "Runs")
+        driver.find_element(By.ID, "dt-refresh").click()
+        wait_for(driver, "the run list to show the finished run",
+                 lambda d: "striped-star" in text_of(d, "dt-runs") and "finished" in text_of(d, "dt-runs"))
+        screenshot(driver, "4-runs")
+        print(f"browser test: {time.monotonic() - started:.0f} s; screenshots in {shots}")
+    except Exception:
+        if driver is not None:
+            driver.save_screenshot(str(shots / "failure.png"))
+            print(f"screenshot of the failure: {shots / 'failure.png'}")
+        raise
+    finally:
+        if driver is not None:
+            driver.quit()
+        kill_jobs(root)
+        app.close()
+
+
+def _start_browser():
+    """Headless chromium through chromedriver; one retry, since a first start on a cold machine can time out."""
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail("the browser test needs chromium and chromedriver: apt-get install -y chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1800", "--force-device-scale-factor=1"):
+        options.add_argument(arg)
+    for attempt in range(2):
+        try:
+            driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+            driver.set_page_load_timeout(PAGE_TIMEOUT)
+            return driver
+        except WebDriverException as e:
+            if attempt:
+                raise AssertionError(f"chromium did not start through chromedriver: {e.msg}") from None
+            time.sleep(2)
