@@ -78,10 +78,10 @@ def test_advanced_panel_has_every_option_of_the_schema(server):
     client, _ = server
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/start"]
     params = {p["parameter_name"]: p for p in api["parameters"]}
-    names = [name for _, name, _, _ in options_help()]
-    assert set(names) <= set(params) | set(schema.MAIN_OPTIONS) | {"pretrained_model_name_or_path"}
+    names = [f"{s[1:-1]}_{name}" if s.startswith("[") else name for s, name, _, _ in options_help()]
+    assert set(names) <= set(params) | set(schema.MAIN_OPTIONS)
     for o in schema.advanced_options():
-        assert params[o.name]["parameter_has_default"], o.name
+        assert params[o.param]["parameter_has_default"], o.param
     assert {o.name for o in schema.advanced_options()}.isdisjoint(schema.MAIN_OPTIONS)
 
 
@@ -133,19 +133,28 @@ def test_train_five_steps_sample_and_list(server, subject_files, tmp_path):
     table = client.predict(api_name="/runs")[0]["data"]
     assert ["star-lora", "finished", "lora", "5/5", ""] in table
 
-    # Compare tab: a shapes-world run gets the demo's oracle table, base model first.
-    from dreamtune.world import MODEL_DIR
-    from dreamtune.world.demo import score_model
+
+@pytest.mark.slow
+def test_compare_scores_world_runs_with_the_demo_oracle(tmp_path):
+    from dreamtune import load_pipeline
+    from dreamtune.training import train
+    from dreamtune.ui.app import Face
+    from dreamtune.world import MODEL_DIR, write_subject_images
+    from dreamtune.world.demo import score_model, train_config
     from dreamtune.world.subjects import get_subject
 
-    message, table, _ = client.predict(names=["star-lora"], subject="striped_star", images_per_prompt=1,
-                                       api_name="/compare")
-    rows = table["data"]
-    assert [r[0] for r in rows] == ["base model", "star-lora"], message
-    base, _ = score_model("base model", load_pipeline(str(MODEL_DIR)), get_subject("striped_star"), "sks", seed=0,
-                          images_per_prompt=1)
-    assert rows[0][1:] == [round(base.subject_fidelity, 2), round(base.prompt_fidelity, 2),
-                           round(base.language_drift, 2), round(base.class_diversity, 2)]
+    subject = get_subject("striped_star")
+    write_subject_images(subject, tmp_path / "star")
+    config = train_config(subject, "dreambooth", tmp_path / "star", tmp_path / "class", tmp_path / "runs" / "star",
+                          steps=3, seed=0, with_prior_preservation=False)
+    train(config, progress=False)
+    message, rows, text = Face(tmp_path / "runs").compare(["star"], "striped_star", 1, "", "", False)
+    assert [r[0] for r in rows] == ["base model", "star"], message
+    expected = [score_model(name, load_pipeline(str(MODEL_DIR), *weights), subject, "sks", seed=0,
+                            images_per_prompt=1)[0] for name, weights in (("base model", []),
+                                                                           ("star", [tmp_path / "runs" / "star"]))]
+    assert rows == [[r.name, round(r.subject_fidelity, 2), round(r.prompt_fidelity, 2), round(r.language_drift, 2),
+                     round(r.class_diversity, 2)] for r in expected]
 
 
 def test_bad_input_is_one_line_and_uploads_are_kept(server, subject_files, tmp_path):
@@ -196,15 +205,22 @@ def test_compare_evaluates_other_runs_with_dreamtune_eval(make_config, tmp_path)
 
 
 def test_train_argv_writes_only_what_differs_from_the_method_defaults():
+    from dreamtune import load_config
+
     defaults = schema.method_defaults("custom_diffusion")
     main = {"method": "custom_diffusion", "max_train_steps": 7, "class_noun": "star", "identifier": "<new1>"}
-    advanced = {o.name: defaults.get(o.name, o.default) for o in schema.advanced_options()}
+    advanced = {o.param: defaults.get(o.param, o.default) for o in schema.advanced_options()}
     advanced["lr_scheduler"] = "cosine"
     advanced["validation_prompts"] = '["a {identifier} star"]'
+    advanced["custom_diffusion_compress_rank"] = 8
+    advanced["lora_rank"] = 16  # another method's option: not for this run
     argv = schema.train_argv(main, advanced, method="custom_diffusion")
     sets = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "--set"]
     assert sets == ["method=custom_diffusion", "max_train_steps=7", "concepts.0.identifier=<new1>",
-                    "concepts.0.class_noun=star", "lr_scheduler=cosine", 'validation_prompts=["a {identifier} star"]']
+                    "concepts.0.class_noun=star", "lr_scheduler=cosine", 'validation_prompts=["a {identifier} star"]',
+                    "custom_diffusion.compress_rank=8"]
+    config = load_config(None, overrides=sets)
+    assert config.method_options.compress_rank == 8 and config.learning_rate == defaults["learning_rate"]
 
 
 def test_run_status_from_the_folder_and_the_job_record(tmp_path):

@@ -48,7 +48,7 @@ class Face:
         self._pipe_key: tuple | None = None
         self._pipe = None
         self._identifiers: dict[str, list[str]] = {}
-        self.advanced_names = [o.name for o in schema.advanced_options()]
+        self.advanced_names = [o.param for o in schema.advanced_options()]
 
     # ---- Train ----
     def identifiers(self, base: str, method: str) -> list[str]:
@@ -340,7 +340,8 @@ def _guarded(fn, outputs: int, names: list[str] | None = None):
 
 
 def _component(gr, option: schema.Option, value: Any):
-    info = f"{option.help} (default: {schema.to_text(option.default)!s})"
+    default = "the method's" if option.default is None else schema.to_text(option.default)
+    info = f"{option.help} (default: {default})"
     label = option.name
     if option.kind == "bool":
         return gr.Checkbox(value=bool(value), label=label, info=info)
@@ -357,12 +358,14 @@ def build(root: str | Path = "runs", base: str | None = None):
     """The Gradio Blocks app for the runs under `root` (default base model: the shipped world model)."""
     import gradio as gr
 
+    from ..methods import method_names
+
     face = Face(root, base)
     # Grouped by section for the panel; this order is also the order of the Start handler's arguments.
     listed = schema.advanced_options()
     advanced_options = [o for section in dict.fromkeys(o.section for o in listed) for o in listed
                         if o.section == section]
-    face.advanced_names = [o.name for o in advanced_options]
+    face.advanced_names = [o.param for o in advanced_options]
     defaults = schema.method_defaults("dreambooth")
     with gr.Blocks(title="dreamtune", analytics_enabled=False) as app:
         gr.Markdown(f"# dreamtune\nRuns in `{face.root}`. Everything here is also a `dreamtune` command.")
@@ -373,7 +376,7 @@ def build(root: str | Path = "runs", base: str | None = None):
                                           elem_id="dt-run-name")
                     base_box = gr.Textbox(value=face.base, label="base model",
                                           info="a diffusers folder, a hub id or a .safetensors file")
-                    method = gr.Dropdown(choices=[o.choices for o in schema.options() if o.name == "method"][0],
+                    method = gr.Dropdown(choices=method_names(),
                                          value="dreambooth", label="method", elem_id="dt-method")
                 with gr.Row():
                     files = gr.File(file_count="multiple", label="subject images (3-5)", elem_id="dt-files")
@@ -396,7 +399,7 @@ def build(root: str | Path = "runs", base: str | None = None):
                         gr.Markdown(f"**{section}**")
                         with gr.Row():
                             for o in (o for o in advanced_options if o.section == section):
-                                advanced.append(_component(gr, o, defaults.get(o.name, o.default)))
+                                advanced.append(_component(gr, o, defaults.get(o.param, o.default)))
                 with gr.Row():
                     start_btn = gr.Button("Start", variant="primary", elem_id="dt-start")
                     stop_btn = gr.Button("Stop", elem_id="dt-stop")
@@ -416,11 +419,11 @@ def build(root: str | Path = "runs", base: str | None = None):
                     d = schema.method_defaults(m)
                     ids = face.identifiers(base, m)
                     return (gr.update(choices=ids, value=ids[0]), d["max_train_steps"], d["learning_rate"],
-                            *[d.get(o.name, o.default) for o in advanced_options])
+                            *[d.get(o.param, o.default) for o in advanced_options])
 
                 method.change(on_method, [method, base_box], [identifier, steps, lr, *advanced], api_name=False)
                 start_names = ["name", "base", "method", "files", "folder", "identifier", "class_noun", "steps",
-                               "learning_rate", "prior", "resolution", *[o.name for o in advanced_options]]
+                               "learning_rate", "prior", "resolution", *[o.param for o in advanced_options]]
                 start_btn.click(_guarded(face.start, 3, start_names),
                                 [run_name, base_box, method, files, folder, identifier, class_noun, steps, lr, prior,
                                  resolution, *advanced], [message, command, current], api_name="start")

@@ -29,26 +29,43 @@ class Option:
     help: str
     choices: tuple[str, ...] = ()
 
+    #: The value for the first method when the schema's default is "the method's" (None).
+    resolved: Any = None
+
     @property
     def kind(self) -> str:
         """bool, int, float, list, choice or str: which input the form uses."""
         if self.choices:
             return "choice"
+        value = self.default if self.default is not None else self.resolved
         for t in (bool, int, float, list):
-            if isinstance(self.default, t):
+            if isinstance(value, t):
                 return t.__name__
         return "str"
 
     @property
+    def method(self) -> str | None:
+        """The method whose own table ([<method>]) holds the option, if any."""
+        return self.section[1:-1] if self.section.startswith("[") else None
+
+    @property
     def key(self) -> str:
-        """The `--set` key: concept options belong to the first concept."""
-        return f"concepts.0.{self.name}" if self.section == CONCEPT_SECTION else self.name
+        """The `--set` key: concept options belong to the first concept, a method's to its table."""
+        if self.section == CONCEPT_SECTION:
+            return f"concepts.0.{self.name}"
+        return f"{self.method}.{self.name}" if self.method else self.name
+
+    @property
+    def param(self) -> str:
+        """A name unique over all options (a method's options are prefixed with the method)."""
+        return f"{self.method}_{self.name}" if self.method else self.name
 
 
 def options() -> list[Option]:
     """Every option of the config schema, in the order of `dreamtune train --help`."""
-    from ..config import options_help
+    from ..config import load_config, options_help
 
+    first = load_config(None)
     rows = []
     for section, name, default, help_text in options_help():
         choices: tuple[str, ...] = ()
@@ -56,7 +73,7 @@ def options() -> list[Option]:
         if match:
             choices = tuple(c.strip() for c in match.group(1).split(","))
             help_text = help_text[: match.start()]
-        rows.append(Option(section, name, default, help_text, choices))
+        rows.append(Option(section, name, default, help_text, choices, getattr(first, name, None)))
     return rows
 
 
@@ -72,9 +89,11 @@ def method_defaults(method: str) -> dict[str, Any]:
     values = {}
     for o in options():
         if o.section == CONCEPT_SECTION:
-            values[o.name] = o.default
+            values[o.param] = o.default
+        elif o.method:
+            values[o.param] = getattr(config.method_options, o.name) if o.method == method else o.default
         else:
-            values[o.name] = getattr(config, o.name, o.default)
+            values[o.param] = getattr(config, o.name)
     return values
 
 
@@ -105,17 +124,18 @@ def train_argv(main: dict[str, Any], advanced: dict[str, Any], *, method: str) -
     The main options are always written out; an advanced option only when it differs from the
     method's resolved default, so the command stays short and says what was chosen.
     """
-    by_name = {o.name: o for o in options()}
+    by_param = {o.param: o for o in options()}
     argv: list[str] = []
     for name in MAIN_OPTIONS:
         if name in main and main[name] is not None:
-            option = by_name[name]
+            option = by_param[name]
             argv += ["--set", f"{option.key}={to_text(parse_value(option, main[name]))}"]
     defaults = method_defaults(method)
-    for name, value in advanced.items():
-        option = by_name[name]
+    for param, value in advanced.items():
+        option = by_param[param]
         value = parse_value(option, value)
-        if value is None or value == defaults.get(name):
+        # Another method's own options do not apply to this run.
+        if value is None or value == defaults.get(param) or option.method not in (None, method):
             continue
         argv += ["--set", f"{option.key}={to_text(value)}"]
     return argv + ["--no-progress"]
