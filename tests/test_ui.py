@@ -265,14 +265,15 @@ def field(driver, elem_id: str):
     return driver.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea, #{elem_id} input")
 
 
-def type_into(driver, elem_id: str, text: str) -> None:
+def type_into(driver, elem_id: str, text: str, then: str | None = None) -> None:
+    """Replace a field's text, then leave it (Tab) so the page takes the value."""
     from selenium.webdriver.common.keys import Keys
 
     box = field(driver, elem_id)
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(Keys.DELETE)
     box.send_keys(text)
-    box.send_keys(Keys.TAB)
+    box.send_keys(then or Keys.TAB)
 
 
 def text_of(driver, elem_id: str) -> str:
@@ -295,6 +296,7 @@ def test_train_sample_and_runs_in_a_browser(tmp_path):
     validation grid, sample, read the run list, with a screenshot at each stage in the test's output folder
     (and in $DREAMTUNE_UI_SCREENSHOTS when set: the README's screenshots). Every wait is bounded."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     from dreamtune.ui.app import launch
     from dreamtune.world import write_subject_images
@@ -346,11 +348,21 @@ def test_train_sample_and_runs_in_a_browser(tmp_path):
         assert "dreamtune sample --weights" in text_of(driver, "dt-sample-message")
         screenshot(driver, "3-sample")
 
+        open_tab(driver, "Compare")
+        type_into(driver, "dt-compare-runs", "striped-star", Keys.ENTER)
+        type_into(driver, "dt-compare-per-prompt", "1")
+        driver.find_element(By.ID, "dt-compare").click()
+        wait_for(driver, "the oracle table", lambda d: "striped-star" in text_of(d, "dt-compare-table")
+                 and "base model" in text_of(d, "dt-compare-table"), timeout=RUN_TIMEOUT)
+        screenshot(driver, "4-compare")
+
         open_tab(driver, "Runs")
         driver.find_element(By.ID, "dt-refresh").click()
         wait_for(driver, "the run list to show the finished run",
                  lambda d: "striped-star" in text_of(d, "dt-runs") and "finished" in text_of(d, "dt-runs"))
-        screenshot(driver, "4-runs")
+        type_into(driver, "dt-selected", "striped-star")
+        wait_for(driver, "the run's config", lambda d: "max_train_steps = 5" in text_of(d, "dt-config"))
+        screenshot(driver, "5-runs")
         print(f"browser test: {time.monotonic() - started:.0f} s; screenshots in {shots}")
     except Exception:
         if driver is not None:
