@@ -22,7 +22,8 @@ from . import schema
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 CAPTION_SUFFIX = ".txt"
 POLL_SECONDS = 2.0
-NEW_TOKEN_METHODS = ("custom_diffusion", "textual_inversion")
+# Small images (the shapes world draws at 32 px) are shown enlarged with sharp pixels.
+CSS = "#dt-gallery img, #dt-grids img { image-rendering: pixelated; }"
 
 
 def default_base() -> str:
@@ -53,7 +54,9 @@ class Face:
     # ---- Train ----
     def identifiers(self, base: str, method: str) -> list[str]:
         """Rare single-token identifiers of the base model's tokenizer (`dreamtune tokens`)."""
-        if method in NEW_TOKEN_METHODS:
+        from ..methods import get_method
+
+        if get_method(method).new_tokens:  # the method adds its own token, such as <new1>
             return ["<new1>"]
         if base not in self._identifiers:
             self._identifiers[base] = self._rare_tokens(base)
@@ -451,7 +454,8 @@ def build(root: str | Path = "runs", base: str | None = None):
                     guidance = gr.Number(value=3.0, label="guidance")
                 sample_btn = gr.Button("Generate", variant="primary", elem_id="dt-generate")
                 sample_msg = gr.Markdown(elem_id="dt-sample-message")
-                gallery = gr.Gallery(label="samples (PNG with its settings)", columns=4, elem_id="dt-gallery")
+                gallery = gr.Gallery(label="samples (PNG with its settings)", columns=4, elem_id="dt-gallery",
+                                     object_fit="contain")
                 downloads = gr.File(label="download", file_count="multiple")
                 sample_btn.click(_guarded(face.sample, 3),
                                  [sample_run, artifact, sample_base, prompt, negative, seed, count, sample_steps,
@@ -471,7 +475,8 @@ def build(root: str | Path = "runs", base: str | None = None):
                     compare_refresh = gr.Button("Refresh runs")
                     subject_pick = gr.Dropdown(choices=sorted(SUBJECTS), value="striped_star",
                                                label="shapes-world subject the runs learned")
-                    per_prompt = gr.Number(value=2, precision=0, label="images per prompt")
+                    per_prompt = gr.Number(value=2, precision=0, label="images per prompt",
+                                           elem_id="dt-compare-per-prompt")
                 with gr.Accordion("`dreamtune eval` scoring models (runs on other base models)", open=False):
                     with gr.Row():
                         dino_box = gr.Textbox(value="", label="DINO model", info="empty: facebook/dino-vits16")
@@ -504,7 +509,7 @@ def build(root: str | Path = "runs", base: str | None = None):
                 runs_msg = gr.Markdown()
                 export_file = gr.File(label="exported file")
                 with gr.Row():
-                    config_view = gr.Code(label="config.toml", language=None, interactive=False)
+                    config_view = gr.Code(label="config.toml", language=None, interactive=False, elem_id="dt-config")
                     loss_image = gr.Image(label="loss", type="filepath")
                 with gr.Accordion("Merge two Custom Diffusion runs", open=False):
                     with gr.Row():
@@ -544,5 +549,5 @@ def launch(root: str | Path = "runs", *, host: str = "127.0.0.1", port: int | No
     app.queue(default_concurrency_limit=1)
     face: Face = app.face
     app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
-               ssr_mode=False, show_error=True, allowed_paths=[str(face.root)], footer_links=["api"])
+               ssr_mode=False, show_error=True, allowed_paths=[str(face.root)], footer_links=["api"], css=CSS)
     return app
