@@ -374,7 +374,7 @@ def rare_words() -> tuple[str, ...]:
     from transformers import CLIPTokenizer
 
     from ..assets import CLIP_TOKENIZER_DIR
-    from ..concepts import rare_tokens
+    from ..tokens import rare_tokens
 
     tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR, local_files_only=True)
     return ("sks",) + tuple(word for word, _ in rare_tokens(tokenizer, 400))
