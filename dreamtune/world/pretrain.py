@@ -38,30 +38,38 @@ class PretrainSettings:
 
     seed: int = 0
     vae_steps: int = 400
-    unet_steps: int = 1100
+    unet_steps: int = 10000
     batch_size: int = 32
     vae_batch_size: int = 16
     vae_learning_rate: float = 1e-3
     learning_rate: float = 4e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     caption_dropout: float = 0.1
     vae_patterned_share: float = 0.4
     ema_decay: float = 0.999
     # Min-SNR weighting starves the noisiest steps, where the prompt decides colour, background and
     # class: with it on, this model ignored its captions for 700 steps. Off (0) by default.
     snr_gamma: float = 0.0
-    checkpoint_every: int = 100
+    checkpoint_every: int = 250
     text_hidden_size: int = 96
     text_layers: int = 4
-    unet_channels: tuple = (48, 96, 128)
-    # Captions are short: padding prompts to 32 tokens rather than CLIP's 77 halves the text
-    # encoder's and the cross-attention's cost. The shipped tokenizer keeps this length.
-    max_length: int = 32
-    # Also feed the pooled prompt into the time embedding (diffusers' `addition_embed_type="text"`),
-    # so every ResNet block sees the prompt, not only the cross-attention layers.
-    text_time_embedding: bool = True
-    # Cross-attention at the 16x16 level too, not only at 8x8 and 4x4.
+    unet_channels: tuple = (64, 128, 192)
+    # Prompts padded to CLIP's 77 tokens, as Stable Diffusion's are.
+    max_length: int = 77
+    # Also feed the pooled prompt into the time embedding (diffusers' `addition_embed_type="text"`).
+    # Stable Diffusion 1.x/2.x has no such path, and with it the first version of this model took
+    # its prompt mostly from there, which left little for Custom Diffusion's cross-attention K/V.
+    text_time_embedding: bool = False
+    # Where attention sits. "sd": as in Stable Diffusion 1.x (every level but the lowest, plus the
+    # middle block; here 16x16 and 8x8 latents); "low": the first version's 8x8 and 4x4 only.
+    unet_layout: str = "sd"
+    # With unet_layout "low": cross-attention at the 16x16 level too.
     attention_at_top: bool = False
+    # Share of pretraining scenes with a two-colour pattern (the subjects' visual vocabulary).
+    pattern_share: float = 0.5
+    # Where the VAE comes from: "shipped" loads the shipped model's VAE (trained by this module's
+    # VAE and decoder phases: see the model card) and skips those phases; "" trains one.
+    vae_from: str = "shipped"
     # Loss weight of latent pixels on and next to the object (background pixels weigh 1). Objects
     # cover 5-15% of an image, so a plain loss learns backgrounds first and shapes last.
     # It may change between resumed parts of a run.
@@ -72,7 +80,8 @@ class PretrainSettings:
 
 
 # What runs saved before a setting existed used instead of it.
-_EARLIER_DEFAULTS = {"max_length": 77, "text_time_embedding": False, "attention_at_top": False, "object_weight": 1.0}
+_EARLIER_DEFAULTS = {"max_length": 77, "text_time_embedding": False, "attention_at_top": False, "object_weight": 1.0,
+                     "unet_layout": "low", "pattern_share": 0.0, "vae_from": ""}
 
 
 def _saved_settings(state_file: Path) -> PretrainSettings:
@@ -117,17 +126,24 @@ def build_components(settings: PretrainSettings) -> dict:
     tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR, local_files_only=True,
                                               model_max_length=settings.max_length)
     channels = tuple(settings.unet_channels)
-    top = "CrossAttn" if settings.attention_at_top else ""
     extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4} if settings.text_time_embedding else {}
+    if settings.unet_layout == "sd":
+        down = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+        up = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    elif settings.unet_layout == "low":
+        top = "CrossAttn" if settings.attention_at_top else ""
+        down = (f"{top}DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+        up = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", f"{top}UpBlock2D")
+    else:
+        raise DreamtuneError(f"pretrain: unet_layout must be 'sd' or 'low', got {settings.unet_layout!r}")
     unet = UNet2DConditionModel(
         sample_size=render.RESOLUTION // 2,
         in_channels=4,
         out_channels=4,
         block_out_channels=channels,
         layers_per_block=1,
-        # By default attention only at 8x8 and 4x4: at 16x16 it costs most of the step.
-        down_block_types=(f"{top}DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", f"{top}UpBlock2D"),
+        down_block_types=down,
+        up_block_types=up,
         cross_attention_dim=hidden,
         attention_head_dim=4,
         norm_num_groups=16,
@@ -316,14 +332,28 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
         ],
         lr=settings.learning_rate,
     )
-    ema = {k: p.detach().clone() for k, p in params.items()}
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
     folder = run_dir / "checkpoints" / "unet"
     start, saved = _restore(folder, resume, optimizer, {"unet": unet, "text_encoder": text_encoder})
-    ema = saved.get("ema", ema)
+    # diffusers' EMA with its default warm-up: decay min(ema_decay, (1 + step) / (10 + step)).
+    ema_model = EMAModel(list(params.values()), decay=settings.ema_decay)
+    if "ema" in saved:
+        ema_model.shadow_params = [saved["ema"][k].clone() for k in params]
+        ema_model.optimization_step = start
+
+    def ema_weights() -> dict:
+        return dict(zip(params, ema_model.shadow_params))
+
     if start >= settings.unet_steps:
-        return True, ema
+        return True, ema_weights()
     if stopwatch.expired():
-        return False, ema
+        return False, ema_weights()
+    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=settings.warmup_steps,
+                                 num_training_steps=settings.unet_steps)
+    for _ in range(start):
+        lr_scheduler.step()
     unet.train()
     text_encoder.train()
     alphas_cumprod = scheduler.alphas_cumprod
@@ -332,7 +362,8 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
     step = start
     losses: list[float] = []
     while step < settings.unet_steps:
-        images, captions, scenes = render.training_batch(settings.seed, step, settings.batch_size)
+        images, captions, scenes = render.training_batch(settings.seed, step, settings.batch_size,
+                                                         pattern_share=settings.pattern_share)
         rng = np.random.default_rng([settings.seed, step, 7])
         captions = ["" if rng.random() < settings.caption_dropout else c for c in captions]
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
@@ -356,21 +387,13 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
             error = error * _object_weights(scenes, latents.shape[-1], settings.object_weight)
         per_sample = error.mean(dim=(1, 2, 3))
         loss = (per_sample * weight).mean()
-        lr = settings.learning_rate * min(1.0, (step + 1) / settings.warmup_steps)
-        # Cosine decay over the last half of the run sharpens the final model.
-        half = settings.unet_steps / 2
-        if step > half:
-            lr *= 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (step - half) / half))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = lr_scheduler.get_last_lr()[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
-        decay = min(settings.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, p in params.items():
-                ema[k].lerp_(p.detach(), 1 - decay)
+        lr_scheduler.step()
+        ema_model.step(list(params.values()))
         step += 1
         stopwatch.tick()
         losses.append(loss.item())
@@ -383,15 +406,32 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
             opt_tensors, opt_meta = _optimizer_tensors(optimizer)
             _save_checkpoint(
                 run_dir / "checkpoints", "unet", step,
-                {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "ema": ema,
+                {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "ema": ema_weights(),
                  "optimizer": opt_tensors},
                 settings, {"optimizer": opt_meta},
             )
             if stopwatch.expired() and not last:
                 bar.close()
-                return False, ema
+                return False, ema_weights()
     bar.close()
-    return True, ema
+    return True, ema_weights()
+
+
+def _load_vae(components: dict, source: str) -> None:
+    """Put a finished VAE (weights and latent scale) into the components: "shipped" or a pipeline folder."""
+    from diffusers import AutoencoderKL
+
+    if source == "shipped":
+        from . import MODEL_DIR
+
+        source = str(MODEL_DIR)
+    folder = Path(source)
+    folder = folder / "vae" if (folder / "vae").is_dir() else folder
+    if not (folder / "config.json").exists():
+        raise DreamtuneError(f"pretrain: vae_from {source!r} is not a VAE folder nor a pipeline folder with vae/")
+    trained = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
+    components["vae"].load_state_dict(trained.state_dict())
+    components["vae"].register_to_config(scaling_factor=trained.config.scaling_factor)
 
 
 def _use_refined_decoder(vae, run_dir: Path) -> None:
@@ -497,7 +537,7 @@ def pretrain(
 
     phase_keys = {"vae": ("seed", "vae_batch_size"),
                   "unet": ("seed", "batch_size", "text_hidden_size", "text_layers", "unet_channels", "max_length",
-                           "text_time_embedding", "attention_at_top")}
+                           "text_time_embedding", "attention_at_top", "unet_layout", "vae_from")}
     for phase, keys in phase_keys.items():
         previous = run_dir / "checkpoints" / phase / "state.json"
         if resume and previous.exists():
@@ -512,10 +552,14 @@ def pretrain(
     log(f"pretrain settings {asdict(settings)}")
     components = build_components(settings)
     stopwatch = _Stopwatch(minutes, stop_after_steps)
-    if not train_vae(components, settings, run_dir, resume=resume, progress=progress, stopwatch=stopwatch, log=log):
-        log("stopped in the vae phase (time limit); resume to go on")
-        return run_dir / "pipeline"
-    components["vae"].register_to_config(scaling_factor=_latent_scale(components["vae"], settings))
+    if settings.vae_from:
+        _load_vae(components, settings.vae_from)
+    else:
+        if not train_vae(components, settings, run_dir, resume=resume, progress=progress, stopwatch=stopwatch,
+                         log=log):
+            log("stopped in the vae phase (time limit); resume to go on")
+            return run_dir / "pipeline"
+        components["vae"].register_to_config(scaling_factor=_latent_scale(components["vae"], settings))
     done, ema = train_unet(components, settings, run_dir, resume=resume, progress=progress,
                            stopwatch=stopwatch, log=log)
     if not done:
@@ -598,13 +642,18 @@ def export_checkpoint(run_dir: str | Path, destination: str | Path, *, fp16: boo
     run_dir = Path(run_dir)
     vae_state = run_dir / "checkpoints" / "vae" / "state.json"
     unet_dir = run_dir / "checkpoints" / "unet"
-    if not vae_state.exists() or not (unet_dir / "state.json").exists():
-        raise DreamtuneError(f"{run_dir}: no finished VAE phase and UNet checkpoint to export yet")
+    if not (unet_dir / "state.json").exists():
+        raise DreamtuneError(f"{run_dir}: no UNet checkpoint to export yet")
     settings = _saved_settings(unet_dir / "state.json")
     components = build_components(settings)
-    components["vae"].load_state_dict(load_file(str(run_dir / "checkpoints" / "vae" / "vae.safetensors")))
-    components["vae"].register_to_config(scaling_factor=_latent_scale(components["vae"], settings))
-    _use_refined_decoder(components["vae"], run_dir)
+    if settings.vae_from:
+        _load_vae(components, settings.vae_from)
+    else:
+        if not vae_state.exists():
+            raise DreamtuneError(f"{run_dir}: no finished VAE phase to export yet")
+        components["vae"].load_state_dict(load_file(str(run_dir / "checkpoints" / "vae" / "vae.safetensors")))
+        components["vae"].register_to_config(scaling_factor=_latent_scale(components["vae"], settings))
+        _use_refined_decoder(components["vae"], run_dir)
     components["unet"].load_state_dict(load_file(str(unet_dir / "unet.safetensors")))
     components["text_encoder"].load_state_dict(load_file(str(unet_dir / "text_encoder.safetensors")))
     ema = load_file(str(unet_dir / "ema.safetensors"))

@@ -1,16 +1,26 @@
 """The shapes world: procedural images of one object on a coloured background, with prompt-style captions.
 
 Every image is a `Scene`: an object class (circle, square, triangle, star, heart, ring), its colour, its
-size and position, a background colour and, for subjects only, a two-colour pattern. Scenes are drawn
-at 4x and box-downsampled so edges are anti-aliased. Captions read like real prompts and leave
-attributes out at random ("a photo of a red star on a blue background, in the top left", "a star",
-"a star on a green background"), so that a bare class prompt means "any star" to a model trained on
-them. Everything is seeded: the same seed gives the same images and captions.
+size and position, a background colour and, for about half of the scenes, a two-colour pattern
+(stripes, a band, dashes, a spot, checks, a split, a border) in one of a few geometries. Scenes are
+drawn at 4x and box-downsampled so edges are anti-aliased.
+
+Captions read like real prompts and leave attributes out at random ("a photo of a red star on a blue
+background, in the top left", "a star", "a striped star", "a blue star with white stripes"), so that
+a bare class prompt means "any star" to a model trained on them. Patterns are named by a word and
+their second colour; their geometry (which way stripes run, where a band sits, how thick a border
+is) is never named, the way a caption of a real photo names "a striped shirt" but not its stripes.
+That geometry, with a colour pair and class that pretraining never drew together, is what makes a
+subject an instance that words cannot pin down. A share of captions also carries a rare word with no
+visual meaning ("a photo of a sks star"), as web captions carry names and brands, so that the text
+encoder knows rare tokens the way a web-trained one does. Everything is seeded: the same seed gives
+the same images and captions.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,6 +71,30 @@ HELD_OUT: tuple[tuple[str, str], ...] = (
 )
 
 PATTERNS = ("plain", "stripes", "band", "dashes", "spot", "checker", "split", "border")
+# Each pattern comes in this many geometries (`Scene.variant`); captions never say which.
+NUM_VARIANTS = 3
+
+# How captions name a pattern: an adjective alone ("a striped star"), or a phrase with its second
+# colour ("a star with white stripes").
+PATTERN_ADJECTIVES = {
+    "stripes": "striped", "band": "banded", "dashes": "dashed", "spot": "spotted",
+    "checker": "checkered", "split": "two-tone", "border": "bordered",
+}
+PATTERN_PHRASES = {
+    "stripes": "with {c} stripes", "band": "with a {c} band", "dashes": "with {c} dashes",
+    "spot": "with a {c} spot", "checker": "with {c} checks", "split": "with a {c} half",
+    "border": "with a {c} border",
+}
+
+# Colour pairs, classes and patterns that pretraining never draws together: the seed of every subject
+# (shipped or generated) is one of them. About one in RESERVED_ONE_IN of all combinations is reserved.
+RESERVED_ONE_IN = 6
+# The shipped subjects' combinations (dreamtune.world.subjects), reserved whatever their hash says.
+RESERVED_EXTRA = frozenset({
+    ("star", "stripes", "blue", "white"), ("triangle", "band", "red", "yellow"), ("ring", "dashes", "purple", "yellow"),
+    ("circle", "spot", "green", "white"), ("square", "checker", "orange", "blue"), ("heart", "split", "red", "white"),
+    ("square", "border", "yellow", "purple"),
+})
 
 
 @dataclass(frozen=True)
@@ -74,6 +108,8 @@ class Scene:
     position: str = "center"
     pattern: str = "plain"
     colour2: str | None = None
+    # Which geometry of the pattern (0 .. NUM_VARIANTS - 1); never named in captions.
+    variant: int = 0
     # Small offsets (pixels) and scale so images of one description differ.
     jitter_x: float = 0.0
     jitter_y: float = 0.0
@@ -91,6 +127,7 @@ class Scene:
         }
         if self.pattern != "plain":
             out["colour2"] = self.colour2 or ""
+            out["variant"] = self.variant
         return out
 
 
@@ -164,25 +201,42 @@ def shape_extent(cls: str) -> tuple[float, float, float, float]:
     return (float(pts[:, 0].min()), float(pts[:, 0].max()), float(pts[:, 1].min()), float(pts[:, 1].max()))
 
 
-def pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Where a pattern's second colour lies, in object coordinates (the rest has the first colour)."""
+def pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray, variant: int = 0) -> np.ndarray:
+    """Where a pattern's second colour lies, in object coordinates (the rest has the first colour).
+
+    `variant` picks one of the pattern's NUM_VARIANTS geometries; variant 0 of each is the first
+    version of the world's drawing.
+    """
+    if not 0 <= variant < NUM_VARIANTS:
+        raise ValueError(f"pattern variant must be 0 to {NUM_VARIANTS - 1}, got {variant}")
     if pattern == "plain":
         return np.zeros(u.shape, dtype=bool)
-    if pattern == "stripes":  # four horizontal stripes over the object's height
-        return (np.floor((v + 1.0) / 0.5).astype(int) % 2) == 1
-    if pattern == "band":  # one horizontal band just below the middle
-        return (v >= 0.0) & (v <= 0.45)
-    if pattern == "dashes":  # the rim cut into eight segments of alternating colour
+    if pattern == "stripes":  # four stripes over the object: horizontal, vertical or diagonal
+        axis = (v, u, (u + v) / math.sqrt(2.0))[variant]
+        return (np.floor((axis + 1.0) / 0.5).astype(int) % 2) == 1
+    if pattern == "band":  # one band: below the middle, upright, or above the middle
+        if variant == 1:
+            return np.abs(u) <= 0.22
+        return (v >= 0.0) & (v <= 0.45) if variant == 0 else (v >= -0.5) & (v <= -0.05)
+    if pattern == "dashes":  # the object cut into 8, 6 or 12 sectors of alternating colour
+        sectors = (8, 6, 12)[variant]
         angle = np.arctan2(v, u) + math.pi
-        return (np.floor(angle / (math.pi / 4)).astype(int) % 2) == 1
-    if pattern == "spot":
-        return u * u + v * v <= 0.42**2
-    if pattern == "checker":
-        return (u * v) > 0
-    if pattern == "split":
-        return u > 0
-    if pattern == "border":
-        return (np.abs(u) >= 0.55) | (np.abs(v) >= 0.55)
+        return (np.floor(angle / (2 * math.pi / sectors)).astype(int) % 2) == 1
+    if pattern == "spot":  # a spot: centred, small and centred, or high
+        if variant == 2:
+            return u * u + (v + 0.3) ** 2 <= 0.33**2
+        radius = (0.42, 0.27)[variant]
+        return u * u + v * v <= radius**2
+    if pattern == "checker":  # quadrants, a 3x3 board, or the X of diagonal quadrants
+        if variant == 1:
+            cells = np.floor((u + 1.0) / (2.0 / 3.0)) + np.floor((v + 1.0) / (2.0 / 3.0))
+            return (cells.astype(int) % 2) == 1
+        return (u * v) > 0 if variant == 0 else np.abs(u) > np.abs(v)
+    if pattern == "split":  # right half, bottom half, or the lower-right diagonal half
+        return (u > 0, v > 0, u + v > 0)[variant]
+    if pattern == "border":  # a frame: medium, thin or thick
+        edge = (0.55, 0.72, 0.4)[variant]
+        return (np.abs(u) >= edge) | (np.abs(v) >= edge)
     raise ValueError(f"unknown pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
 
 
@@ -243,7 +297,7 @@ def render(scene: Scene, resolution: int = RESOLUTION, supersample: int = SUPERS
     canvas[:] = PALETTE[scene.background]
     canvas[inside] = PALETTE[scene.colour]
     if scene.pattern != "plain":
-        second = inside & pattern_mask(scene.pattern, u, v)
+        second = inside & pattern_mask(scene.pattern, u, v, scene.variant)
         canvas[second] = PALETTE[scene.colour2 or scene.colour]
     return np.clip(np.rint(_downsample(canvas, resolution, supersample)), 0, 255).astype(np.uint8)
 
@@ -276,11 +330,21 @@ def describe(
     position: str | None = None,
     prefix: str = "a photo of ",
     article: bool = True,
+    pattern: str | None = None,
+    colour2: str | None = None,
 ) -> str:
-    """A prompt naming the given attributes, e.g. "a photo of a small red star on a blue background"."""
-    words = [w for w in (size, colour, cls) if w]
+    """A prompt naming the given attributes, e.g. "a photo of a small red star with white stripes on a blue background".
+
+    A pattern without its second colour is an adjective ("a striped red star"); with it, a phrase
+    after the noun ("a red star with white stripes").
+    """
+    plain = pattern in (None, "plain")
+    adjective = PATTERN_ADJECTIVES[pattern] if not plain and not colour2 else None
+    words = [w for w in (size, adjective, colour, cls) if w]
     noun = " ".join(words)
     text = f"{prefix}{_article(noun) + ' ' if article else ''}{noun}"
+    if not plain and colour2:
+        text += " " + PATTERN_PHRASES[pattern].format(c=colour2)
     if background:
         text += f" on {_article(background)} {background} background"
     if position:
@@ -292,11 +356,28 @@ def describe(
 # what lets a bare "a star" (and prior preservation's class images) mean a clean star of any kind.
 # Size and position are named in most captions: where a caption leaves them open, the average image
 # of "a star" over every place and size is a blur like that of "a circle", and the class teaches little.
-CAPTION_KEEP = {"colour": 0.7, "background": 0.6, "size": 0.75, "position": 0.75}
+CAPTION_KEEP = {"colour": 0.7, "background": 0.6, "size": 0.75, "position": 0.75, "pattern": 0.8, "colour2": 0.6}
 # Share of scenes drawn in the centre (the rest spread over all nine positions, the centre included).
 CENTRE_SHARE = 0.3
+# Share of scenes with a two-colour pattern.
+PATTERN_SHARE = 0.5
 PREFIXES = ("", "a photo of ", "a picture of ", "an image of ")
 PREFIX_WEIGHTS = (0.4, 0.3, 0.15, 0.15)
+# Share of captions with a rare word in the identifier's place ("a photo of a sks star"): the word
+# names nothing that can be seen, as a brand or a pet's name does in a web caption.
+RARE_WORD_SHARE = 0.2
+
+
+@functools.lru_cache(maxsize=1)
+def rare_words() -> tuple[str, ...]:
+    """The rare single-token words that captions carry: `dreamtune tokens`' candidates and "sks"."""
+    from transformers import CLIPTokenizer
+
+    from ..assets import CLIP_TOKENIZER_DIR
+    from ..concepts import rare_tokens
+
+    tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR, local_files_only=True)
+    return ("sks",) + tuple(word for word, _ in rare_tokens(tokenizer, 400))
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
@@ -304,14 +385,21 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     keep = {k: rng.random() < p for k, p in CAPTION_KEEP.items()}
     prefix = PREFIXES[rng.choice(len(PREFIXES), p=PREFIX_WEIGHTS)]
     article = rng.random() >= 0.1  # "a photo of star" is a common template too
+    cls = scene.cls
+    if rng.random() < RARE_WORD_SHARE:
+        words = rare_words()
+        cls = f"{words[rng.integers(len(words))]} {cls}"
+    patterned = scene.pattern != "plain" and keep["pattern"]
     return describe(
-        scene.cls,
+        cls,
         colour=scene.colour if keep["colour"] else None,
         background=scene.background if keep["background"] else None,
         size=scene.size if keep["size"] else None,
         position=scene.position if keep["position"] else None,
         prefix=prefix,
         article=article,
+        pattern=scene.pattern if patterned else None,
+        colour2=scene.colour2 if patterned and keep["colour2"] else None,
     )
 
 
@@ -326,8 +414,21 @@ def _jitter(rng: np.random.Generator) -> dict[str, float]:
     }
 
 
-def random_scene(rng: np.random.Generator, include_held_out: bool = False) -> Scene:
-    """A random plain scene of the world; held-out colour-class pairs are skipped unless asked for."""
+def is_reserved(cls: str, pattern: str, colour: str, colour2: str | None) -> bool:
+    """True for the class-pattern-colour combinations that pretraining never draws (subjects come from them)."""
+    if pattern == "plain":
+        return False
+    if (cls, pattern, colour, colour2) in RESERVED_EXTRA:
+        return True
+    key = f"{cls}/{pattern}/{colour}/{colour2}".encode()
+    return int(hashlib.sha256(key).hexdigest()[:8], 16) % RESERVED_ONE_IN == 0
+
+
+def random_scene(rng: np.random.Generator, include_held_out: bool = False, pattern_share: float = 0.0) -> Scene:
+    """A random scene of the world, patterned with probability `pattern_share`.
+
+    Held-out colour-class pairs and reserved pattern combinations are skipped unless asked for.
+    """
     while True:
         cls = CLASSES[rng.integers(len(CLASSES))]
         colour = COLOURS[rng.integers(len(COLOURS))]
@@ -338,27 +439,35 @@ def random_scene(rng: np.random.Generator, include_held_out: bool = False) -> Sc
         background = COLOURS[rng.integers(len(COLOURS))]
     size = tuple(SIZES)[rng.integers(len(SIZES))]
     position = "center" if rng.random() < CENTRE_SHARE else POSITIONS[rng.integers(len(POSITIONS))]
-    return Scene(cls, colour, background, size, position, **_jitter(rng))
+    if rng.random() >= pattern_share:
+        return Scene(cls, colour, background, size, position, **_jitter(rng))
+    while True:
+        pattern = PATTERNS[1 + rng.integers(len(PATTERNS) - 1)]
+        choices = [c for c in COLOURS if c not in (colour, background)]
+        colour2 = choices[rng.integers(len(choices))]
+        if include_held_out or not is_reserved(cls, pattern, colour, colour2):
+            break
+    variant = int(rng.integers(NUM_VARIANTS))
+    return Scene(cls, colour, background, size, position, pattern, colour2, variant, **_jitter(rng))
 
 
 def random_patterned_scene(rng: np.random.Generator) -> Scene:
-    """A random scene with a random two-colour pattern (used to train the VAE, never the UNet)."""
-    base = random_scene(rng, include_held_out=True)
-    pattern = PATTERNS[1 + rng.integers(len(PATTERNS) - 1)]
-    choices = [c for c in COLOURS if c not in (base.colour, base.background)]
-    colour2 = choices[rng.integers(len(choices))]
-    return dataclasses.replace(base, pattern=pattern, colour2=colour2)
+    """A random scene with a random two-colour pattern, reserved combinations included (VAE training)."""
+    return random_scene(rng, include_held_out=True, pattern_share=1.0)
 
 
-def training_batch(seed: int, index: int, batch_size: int, patterned_share: float = 0.0):
+def training_batch(seed: int, index: int, batch_size: int, patterned_share: float = 0.0,
+                   pattern_share: float = 0.0):
     """Batch `index` of the stream seeded by `seed`: (uint8 images [B,H,W,3], captions, scenes).
 
     The batch depends only on (seed, index), so a resumed run sees exactly the batches an
-    uninterrupted run would.
+    uninterrupted run would. `patterned_share` draws that share of patterned scenes from every
+    combination (for the VAE); `pattern_share` that share from the unreserved ones (for the UNet).
     """
     rng = np.random.default_rng([seed, index])
     scenes = [
-        random_patterned_scene(rng) if rng.random() < patterned_share else random_scene(rng)
+        random_patterned_scene(rng) if rng.random() < patterned_share
+        else random_scene(rng, pattern_share=pattern_share)
         for _ in range(batch_size)
     ]
     images = np.stack([render(s) for s in scenes])
