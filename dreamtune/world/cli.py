@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     demo.set_defaults(func=_demo)
 
     world = subparsers.add_parser("world", help="The shapes world: pretrain its base model, write subjects, measure quality.")
-    commands = world.add_subparsers(dest="world_command", metavar="{pretrain,subjects,quality}")
+    commands = world.add_subparsers(dest="world_command", metavar="{pretrain,export,subjects,quality,compare}")
     commands.required = True
 
     pre = commands.add_parser("pretrain", help="Train a shapes-world base model (a diffusers pipeline folder).")
@@ -47,7 +47,34 @@ def register(subparsers) -> None:
     pre.add_argument("--minutes", type=float, default=None, help="Stop (after a checkpoint) once this much time has passed.")
     pre.add_argument("--no-resume", action="store_true", help="Start over instead of resuming from <output-dir>/checkpoints.")
     pre.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine).")
+    pre.add_argument("--vae-from", default=None,
+                     help="'shipped' (default: the shipped model's VAE, no VAE phases), a pipeline or VAE folder, "
+                     "or '' to train the VAE first.")
     pre.set_defaults(func=_pretrain)
+
+    export = commands.add_parser("export", help="Write a pipeline folder from a pretraining run's latest checkpoint "
+                                 "(EMA weights, fp16), finished or not.")
+    export.add_argument("run", help="The pretraining run folder (--output-dir of `world pretrain`).")
+    export.add_argument("--out", required=True, help="Pipeline folder to write (refused when it exists).")
+    export.add_argument("--fp32", action="store_true", help="Keep float32 weights (default: fp16 files).")
+    export.set_defaults(func=_export)
+
+    compare = commands.add_parser(
+        "compare", help="Train and score every method on the same subjects; one table with confidence intervals.",
+        description="For each subject: the base model, DreamBooth with and without prior preservation, Custom "
+        "Diffusion, Textual Inversion and LoRA with the world's settings; for the first two subjects also Custom "
+        "Diffusion trained jointly on both and the merge of their single runs. Resumes an existing output folder.")
+    compare.add_argument("--subjects", default="striped_star,gen-0-0",
+                         help="Comma-separated subject names: shipped ones or generated ones (gen-SEED-K).")
+    compare.add_argument("--models", default=None,
+                         help="Comma-separated subset of: base model, dreambooth, dreambooth, no prior, custom_diffusion, "
+                         "textual_inversion, lora (default: all).")
+    compare.add_argument("--output-dir", default="dreamtune-compare")
+    compare.add_argument("--images-per-prompt", type=int, default=8)
+    compare.add_argument("--steps", type=int, default=None, help="Training steps of every method (default: each one's).")
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--no-pairs", action="store_true", help="Skip the two-concept (joint and merged) rows.")
+    compare.set_defaults(func=_compare)
 
     subjects = commands.add_parser("subjects", help="Write a subject's reference images (PNG) to a folder.")
     subjects.add_argument("--out", help="Folder to write into (one subfolder per subject with --subject all).")
@@ -81,10 +108,38 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.object_weight is not None and args.object_weight <= 0:
         raise DreamtuneError(f"--object-weight must be positive, got {args.object_weight}")
     overrides = {} if args.object_weight is None else {"object_weight": args.object_weight}
+    if args.vae_from is not None:
+        overrides["vae_from"] = args.vae_from
     path = pretrain(args.output_dir, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                     batch_size=args.batch_size, learning_rate=args.learning_rate, minutes=args.minutes,
                     resume=not args.no_resume, threads=args.threads, **overrides)
     print(f"pipeline: {path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .pretrain import export_checkpoint
+
+    out = Path(args.out).expanduser()
+    if out.exists():
+        raise DreamtuneError(f"--out {out} exists; name a new folder")
+    print(f"pipeline: {export_checkpoint(args.run, out, fp16=not args.fp32)}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    _positive(args.images_per_prompt, "--images-per-prompt")
+    _positive(args.steps, "--steps")
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
+    models = None
+    if args.models:
+        # "dreambooth, no prior" holds a comma: rejoin it before splitting the list.
+        models = [m.strip() for m in args.models.replace("dreambooth, no prior", "dreambooth-no-prior").split(",")]
+        models = ["dreambooth, no prior" if m == "dreambooth-no-prior" else m for m in models if m]
+    run_compare(subjects, models=models, output_dir=args.output_dir, seed=args.seed,
+                images_per_prompt=args.images_per_prompt, steps=args.steps, pairs=not args.no_pairs)
     return 0
 
 

@@ -27,19 +27,22 @@ SAMPLING_STEPS = 25
 IMAGES_PER_PROMPT = 2
 CLASS_IMAGES_FOR_DRIFT = 12
 
-# Demo settings per method, tuned on the shipped model so a run fits in about 3 minutes on 2 CPU cores.
-# DreamBooth also tunes the text encoder (at its own rate): the world's text encoder never saw a rare
-# token such as "sks", so "a sks star" encodes nearly like "a star" (17% apart, where a colour word moves
-# the encoding by 50%), and with prior preservation holding "a star" in place the UNet alone separates
-# the two only slowly (300 steps: subject fidelity 0.28, no better than the base model; with the text
-# encoder: 0.57). Custom Diffusion's rescale augmentation is off: at 32 px a "very small" subject keeps
-# no readable pattern, and its prompt words are outside the world's vocabulary.
+# The world's settings per method (32 px, a 7M-parameter UNet), chosen on the shipped subjects only and
+# used unchanged on generated ones. The rare identifier "sks" is a word the world's text encoder has
+# seen in captions without a visual meaning, as a web-trained one has, so DreamBooth leaves the text
+# encoder frozen as in the paper's Stable Diffusion setting. Custom Diffusion's rescale augmentation
+# is off: at 32 px a "very small" subject keeps no readable pattern, and "zoomed in" is outside the
+# world's vocabulary.
 METHOD_SETTINGS = {
-    "dreambooth": {"identifier": "sks", "max_train_steps": 400, "learning_rate": 1e-4, "train_batch_size": 2,
-                   "train_text_encoder": True, "text_encoder_lr": 3e-4},
+    "dreambooth": {"identifier": "sks", "max_train_steps": 400, "learning_rate": 1e-4, "train_batch_size": 2},
     "custom_diffusion": {"identifier": "<new1>", "max_train_steps": 300, "learning_rate": 1e-3,
-                         "train_batch_size": 2, "scale_lr": False, "augment": "off"},
+                         "train_batch_size": 2, "scale_lr": False, "augment": "off", "num_class_images": 200},
+    "textual_inversion": {"identifier": "<new1>", "max_train_steps": 500, "learning_rate": 5e-3,
+                          "train_batch_size": 2, "scale_lr": False, "with_prior_preservation": False},
+    "lora": {"identifier": "sks", "max_train_steps": 400, "learning_rate": 1e-3, "train_batch_size": 2},
 }
+# The demo's default methods (the others run with --method NAME or in `dreamtune world compare`).
+DEMO_METHODS = ("dreambooth", "custom_diffusion")
 
 
 @dataclass
@@ -72,7 +75,7 @@ def available_methods() -> list[str]:
 def _methods(method: str) -> list[str]:
     available = available_methods()
     if method == "all":
-        return available
+        return [m for m in available if m in DEMO_METHODS]
     wanted = [m.strip() for m in method.split(",") if m.strip()]
     for name in wanted:
         if name not in available:
@@ -87,7 +90,10 @@ def train_config(subject: Subject, method: str, instance_dir: Path, class_dir: P
     """The TrainConfig the demo uses for a method on a subject (the shipped base model, 32 px)."""
     from ..config import ConceptConfig, TrainConfig
 
-    settings = dict(METHOD_SETTINGS[method])
+    settings = {"with_prior_preservation": with_prior_preservation, "num_class_images": num_class_images,
+                **METHOD_SETTINGS[method]}
+    if not with_prior_preservation:
+        settings["with_prior_preservation"] = False
     identifier = settings.pop("identifier")
     if steps is not None:
         settings["max_train_steps"] = steps
@@ -106,8 +112,6 @@ def train_config(subject: Subject, method: str, instance_dir: Path, class_dir: P
         output_dir=str(output_dir),
         seed=seed,
         resolution=32,
-        with_prior_preservation=with_prior_preservation,
-        num_class_images=num_class_images,
         sample_batch_size=20,
         class_generation_steps=SAMPLING_STEPS,
         class_generation_guidance=DEFAULT_GUIDANCE,

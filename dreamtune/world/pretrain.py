@@ -38,8 +38,8 @@ class PretrainSettings:
 
     seed: int = 0
     vae_steps: int = 400
-    unet_steps: int = 10000
-    batch_size: int = 32
+    unet_steps: int = 8000
+    batch_size: int = 16
     vae_batch_size: int = 16
     vae_learning_rate: float = 1e-3
     learning_rate: float = 4e-4
@@ -53,7 +53,7 @@ class PretrainSettings:
     checkpoint_every: int = 250
     text_hidden_size: int = 96
     text_layers: int = 4
-    unet_channels: tuple = (64, 128, 192)
+    unet_channels: tuple = (64, 128, 128)
     # Prompts padded to CLIP's 77 tokens, as Stable Diffusion's are.
     max_length: int = 77
     # Also feed the pooled prompt into the time embedding (diffusers' `addition_embed_type="text"`).

@@ -1,0 +1,215 @@
+"""`dreamtune world compare`: every method on the same shapes-world subjects, scored by the oracle.
+
+For each subject: the base model, DreamBooth with and without prior preservation, Custom Diffusion,
+Textual Inversion and LoRA, each trained with the world's settings (`demo.METHOD_SETTINGS`, chosen on
+the shipped subjects only). For the first two subjects also Custom Diffusion on both concepts at once
+(joint training, `<new1>` and `<new2>`) and the closed-form merge of the two single-concept runs.
+Custom Diffusion regularises with real images of the class: rendered world scenes of that class with
+their captions, the world's counterpart of the paper's retrieved LAION images.
+
+Every cell (subject x model) writes `cells/<subject>/<model>.json` when it is scored, so a compare
+started again skips finished cells. The table (`table.txt`, `compare.json`) gives every figure with
+its bootstrap confidence interval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from ..errors import DreamtuneError
+from ..io import write_json, write_text
+from . import MODEL_DIR, render
+from .subjects import Subject, get_subject, write_subject_images
+
+# Row label -> (method, TrainConfig overrides).
+SINGLE_MODELS: dict[str, tuple[str, dict]] = {
+    "dreambooth": ("dreambooth", {}),
+    "dreambooth, no prior": ("dreambooth", {"with_prior_preservation": False}),
+    "custom_diffusion": ("custom_diffusion", {}),
+    "textual_inversion": ("textual_inversion", {}),
+    "lora": ("lora", {}),
+}
+NUM_REAL_CLASS_IMAGES = 200
+
+
+def write_real_class_images(cls: str, out_dir: Path, count: int = NUM_REAL_CLASS_IMAGES, seed: int = 0) -> Path:
+    """Write `count` world scenes of a class with their captions (.txt beside each PNG); reuse a finished folder.
+
+    These are the world's "real images" of the class: drawn, not generated, half of them patterned,
+    none of a reserved (subject) combination, captioned as the pretraining data is.
+    """
+    import numpy as np
+
+    from ..io import save_image
+
+    done = out_dir / ".complete"
+    if done.exists():
+        return out_dir
+    rng = np.random.default_rng([seed, 4242, render.CLASSES.index(cls)])
+    written = 0
+    while written < count:
+        scene = render.random_scene(rng, pattern_share=render.PATTERN_SHARE)
+        if scene.cls != cls:
+            continue
+        path = out_dir / f"{written:03d}.png"
+        save_image(render.render_pil(scene), path)
+        write_text(path.with_suffix(".txt"), render.caption(scene, rng) + "\n")
+        written += 1
+    write_text(done, "")
+    return out_dir
+
+
+def _identifier(method: str, index: int) -> str:
+    from .demo import METHOD_SETTINGS
+
+    identifier = METHOD_SETTINGS[method]["identifier"]
+    # Each subject's new token differs, so that two Custom Diffusion runs can be merged.
+    return identifier.replace("1", str(index + 1)) if identifier.startswith("<") else identifier
+
+
+def _config(subjects: list[Subject], method: str, overrides: dict, out: Path, run_dir: Path, *, steps, seed: int):
+    from .demo import train_config
+
+    config = None
+    concepts = []
+    for i, subject in enumerate(subjects):
+        class_dir = out / "class_images" / subject.class_noun
+        if method == "custom_diffusion":
+            class_dir = write_real_class_images(subject.class_noun, out / "real_images" / subject.class_noun, seed=seed)
+        cfg = train_config(subject, method, out / "subjects" / subject.name, class_dir, run_dir, steps=steps,
+                           seed=seed, **overrides)
+        concept = cfg.concepts[0]
+        concept.identifier = _identifier(method, i)
+        concepts.append(concept)
+        config = config or cfg
+    config.concepts = concepts
+    return config
+
+
+def _train(config, run_dir: Path, progress: bool) -> tuple[Path, float]:
+    from ..training import train
+
+    artifact = run_dir / "artifact"
+    if (artifact / "dreamtune.json").exists() or (artifact / "model_index.json").exists():
+        return artifact, 0.0
+    started = time.monotonic()
+    result = train(config, overwrite=True, progress=progress)
+    return Path(result.artifact_dir), time.monotonic() - started
+
+
+def _score(cell: Path, name: str, pipe, subject: Subject, identifier: str, *, seed: int, images_per_prompt: int,
+           train_seconds: float, progress: bool) -> dict:
+    from .demo import score_model
+
+    if cell.exists():
+        return json.loads(cell.read_text())
+    scores, _ = score_model(name, pipe, subject, identifier, seed=seed, images_per_prompt=images_per_prompt,
+                            progress=progress)
+    scores.train_seconds = train_seconds
+    row = {"subject": subject.name, **dataclasses.asdict(scores)}
+    write_json(cell, row)
+    return row
+
+
+def run_compare(subjects: list[str], *, models: list[str] | None = None, output_dir: str | Path = "dreamtune-compare",
+                seed: int = 0, images_per_prompt: int = 8, steps: int | None = None, pairs: bool = True,
+                progress: bool = True, quiet: bool = False) -> list[dict]:
+    """Train and score every model on every subject; returns one row per (subject, model) and writes the table.
+
+    `models` picks from "base model", SINGLE_MODELS and (with `pairs`) the two-concept rows; an
+    existing output folder is resumed, finished cells are kept.
+    """
+    from ..merge import merge
+    from ..pipeline import load_pipeline
+    from .demo import _quiet_libraries
+
+    chosen = [get_subject(name) for name in subjects]
+    if not chosen:
+        raise DreamtuneError("world compare: name at least one subject (--subjects)")
+    wanted = models or ["base model", *SINGLE_MODELS]
+    unknown = [m for m in wanted if m != "base model" and m not in SINGLE_MODELS]
+    if unknown:
+        raise DreamtuneError(f"world compare: unknown model '{unknown[0]}'; choose from: base model, "
+                             f"{', '.join(SINGLE_MODELS)}")
+    out = Path(output_dir).expanduser()
+    say = (lambda *a: None) if quiet else print
+    _quiet_libraries()
+    rows: list[dict] = []
+    for subject in chosen:
+        write_subject_images(subject, out / "subjects" / subject.name)
+    for index, subject in enumerate(chosen):
+        cells = out / "cells" / subject.name
+        if "base model" in wanted:
+            pipe = load_pipeline(str(MODEL_DIR))
+            rows.append(_score(cells / "base model.json", "base model", pipe, subject, "sks", seed=seed,
+                               images_per_prompt=images_per_prompt, train_seconds=0.0, progress=progress))
+        for label in (m for m in wanted if m in SINGLE_MODELS):
+            method, overrides = SINGLE_MODELS[label]
+            run_dir = out / "runs" / subject.name / label.replace(", ", "-").replace(" ", "-")
+            config = _config([subject], method, overrides, out, run_dir, steps=steps, seed=seed)
+            config.concepts[0].identifier = _identifier(method, index)
+            cell = cells / f"{label}.json"
+            if cell.exists():
+                rows.append(json.loads(cell.read_text()))
+                continue
+            say(f"{subject.name}: training {label}")
+            artifact, seconds = _train(config, run_dir, progress)
+            pipe = load_pipeline(str(MODEL_DIR), artifact)
+            rows.append(_score(cell, label, pipe, subject, config.concepts[0].identifier, seed=seed,
+                               images_per_prompt=images_per_prompt, train_seconds=seconds, progress=progress))
+            say(f"{subject.name}: {label} scored")
+    if pairs and len(chosen) >= 2 and "custom_diffusion" in wanted:
+        rows += _two_concepts(chosen[:2], out, seed=seed, steps=steps, images_per_prompt=images_per_prompt,
+                              progress=progress, say=say, merge=merge, load_pipeline=load_pipeline)
+    table = format_compare(rows)
+    write_text(out / "table.txt", table + "\n")
+    write_json(out / "compare.json", {"subjects": [s.name for s in chosen], "seed": seed,
+                                      "images_per_prompt": images_per_prompt, "rows": rows})
+    say("")
+    say(table)
+    return rows
+
+
+def _two_concepts(pair: list[Subject], out: Path, *, seed: int, steps, images_per_prompt: int, progress: bool, say,
+                  merge, load_pipeline) -> list[dict]:
+    """Custom Diffusion on two subjects: jointly trained, and the merge of the two single runs."""
+    rows = []
+    names = "+".join(s.name for s in pair)
+    joint_dir = out / "runs" / names / "custom_diffusion-joint"
+    config = _config(pair, "custom_diffusion", {}, out, joint_dir, steps=steps, seed=seed)
+    # Joint training sees both concepts' images: as many steps as the two single runs together.
+    config.max_train_steps *= 2
+    say(f"{names}: training custom_diffusion joint")
+    joint, seconds = _train(config, joint_dir, progress)
+    merged_dir = out / "runs" / names / "custom_diffusion-merged"
+    if not (merged_dir / "dreamtune.json").exists():
+        singles = [out / "runs" / s.name / "custom_diffusion" for s in pair]
+        missing = [str(s) for s in singles if not (s / "artifact").exists()]
+        if missing:
+            raise DreamtuneError(f"world compare: the merge needs the single-concept runs first: {', '.join(missing)}")
+        captions = [line.strip() for s in pair
+                    for line in (p.read_text().strip() for p in sorted((out / "real_images" / s.class_noun).glob("*.txt")))]
+        merge([s / "artifact" for s in singles], captions, merged_dir, str(MODEL_DIR))
+    for label, artifact, train_seconds in (("custom_diffusion joint", joint, seconds),
+                                           ("custom_diffusion merged", merged_dir, 0.0)):
+        pipe = load_pipeline(str(MODEL_DIR), artifact)
+        for index, subject in enumerate(pair):
+            cell = out / "cells" / subject.name / f"{label}.json"
+            rows.append(_score(cell, label, pipe, subject, f"<new{index + 1}>", seed=seed,
+                               images_per_prompt=images_per_prompt, train_seconds=train_seconds, progress=progress))
+    return rows
+
+
+def format_compare(rows: list[dict]) -> str:
+    """One table: a block per subject, a line per model, with the demo's columns."""
+    from .demo import ModelScores, format_table
+
+    fields = {f.name for f in dataclasses.fields(ModelScores)}
+    blocks = []
+    for subject in dict.fromkeys(r["subject"] for r in rows):
+        scores = [ModelScores(**{k: v for k, v in r.items() if k in fields}) for r in rows if r["subject"] == subject]
+        blocks.append(f"subject {subject}\n{format_table(scores)}")
+    return "\n\n".join(blocks)
