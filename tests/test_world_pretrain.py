@@ -10,9 +10,12 @@ from dreamtune.errors import DreamtuneError
 from dreamtune.world.pretrain import pretrain
 
 TINY = {"vae_steps": 2, "unet_steps": 3, "batch_size": 2, "progress": False, "threads": 1}
+# The VAE phase too, rather than the shipped VAE.
+TINY_FROM_SCRATCH = {**TINY, "vae_from": ""}
 
 
 def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path):
+    TINY = TINY_FROM_SCRATCH
     whole = pretrain(tmp_path / "whole", **TINY)
     assert not (tmp_path / "parts" / "checkpoints").exists()
     pretrain(tmp_path / "parts", stop_after_steps=3, **TINY)  # the VAE's 2 steps and one UNet step
@@ -37,6 +40,26 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path):
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
     assert whole.name == "pipeline" and (whole / "model_index.json").exists()
+
+
+def test_default_pretraining_is_stable_diffusion_shaped_on_the_shipped_vae(tmp_path):
+    import json
+
+    from dreamtune.world import MODEL_DIR
+
+    pipe_dir = pretrain(tmp_path, **TINY)
+    assert not (tmp_path / "checkpoints" / "vae").exists()  # no VAE phase: the shipped VAE is reused
+    shipped = load_file(MODEL_DIR / "vae" / "diffusion_pytorch_model.safetensors")
+    reused = load_file(pipe_dir / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(shipped[k], reused[k]) for k in shipped)
+    config = json.loads((pipe_dir / "unet" / "config.json").read_text())
+    # As in SD 1.x: attention at every level but the lowest, and in the middle; no pooled-prompt path.
+    assert config["down_block_types"] == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+    assert config["up_block_types"] == ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    assert config["mid_block_type"] == "UNetMidBlock2DCrossAttn"
+    assert config["addition_embed_type"] is None
+    tokenizer = json.loads((pipe_dir / "tokenizer" / "tokenizer_config.json").read_text())
+    assert tokenizer["model_max_length"] == 77
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
@@ -72,14 +95,17 @@ def test_runs_saved_before_a_setting_existed_keep_their_meaning(tmp_path):
 
     from dreamtune.world.pretrain import export_checkpoint
 
-    pretrain(tmp_path, stop_after_steps=3, text_time_embedding=False, max_length=77, **TINY)
+    # A run of the first version's layout, its state written before unet_layout and vae_from existed.
+    pretrain(tmp_path, stop_after_steps=3, unet_layout="low", **TINY_FROM_SCRATCH)
     state_file = tmp_path / "checkpoints" / "unet" / "state.json"
     state = json.loads(state_file.read_text())
-    for key in ("max_length", "text_time_embedding", "attention_at_top", "object_weight"):
+    for key in ("max_length", "text_time_embedding", "attention_at_top", "object_weight", "unet_layout",
+                "pattern_share", "vae_from"):
         del state["settings"][key]
     state_file.write_text(json.dumps(state))
     pipe_dir = export_checkpoint(tmp_path, tmp_path / "exported")
     config = json.loads((pipe_dir / "unet" / "config.json").read_text())
     assert config["addition_embed_type"] is None
-    with pytest.raises(DreamtuneError, match="max_length=77 differs from 32"):
-        pretrain(tmp_path, **TINY)  # today's defaults differ from what that run used
+    assert config["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    with pytest.raises(DreamtuneError, match="unet_layout=low differs from sd"):
+        pretrain(tmp_path, **TINY_FROM_SCRATCH)  # today's defaults differ from what that run used

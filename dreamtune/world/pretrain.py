@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -352,8 +353,10 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
         return False, ema_weights()
     lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=settings.warmup_steps,
                                  num_training_steps=settings.unet_steps)
-    for _ in range(start):
-        lr_scheduler.step()
+    with warnings.catch_warnings():  # fast-forwarding a resumed schedule, before any optimizer step
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start):
+            lr_scheduler.step()
     unet.train()
     text_encoder.train()
     alphas_cumprod = scheduler.alphas_cumprod

@@ -1,0 +1,75 @@
+"""The second version of the shapes world's data: patterns with unnamed geometries, reserved subject
+combinations, rare words in captions."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from dreamtune.world import render
+from dreamtune.world.subjects import SUBJECTS
+
+
+def _batches(count: int = 6, size: int = 64):
+    for index in range(count):
+        _, captions, scenes = render.training_batch(0, index, size, pattern_share=render.PATTERN_SHARE)
+        yield from zip(captions, scenes)
+
+
+def test_pretraining_never_draws_a_reserved_combination_and_shows_every_pattern():
+    pairs = list(_batches())
+    patterned = [s for _, s in pairs if s.pattern != "plain"]
+    assert 0.35 < len(patterned) / len(pairs) < 0.65
+    assert not any(render.is_reserved(s.cls, s.pattern, s.colour, s.colour2) for s in patterned)
+    assert {s.pattern for s in patterned} == set(render.PATTERNS[1:])
+    assert {s.variant for s in patterned} == set(range(render.NUM_VARIANTS))
+    assert all(s.colour2 not in (s.colour, s.background) for s in patterned)
+
+
+def test_captions_name_patterns_truthfully_and_never_their_geometry():
+    adjectives = {a: p for p, a in render.PATTERN_ADJECTIVES.items()}
+    named = 0
+    for caption, scene in _batches():
+        words = set(caption.replace(",", "").split())
+        said = [adjectives[w] for w in words if w in adjectives]
+        phrase = re.search(r" with (?:a )?(\w+) (stripes|band|dashes|spot|checks|half|border)\b", caption)
+        if scene.pattern == "plain":
+            assert not said and not phrase, caption
+            continue
+        if said or phrase:
+            named += 1
+        assert not said or said == [scene.pattern], caption
+        if phrase:
+            assert phrase.group(1) == scene.colour2, caption
+        for word in ("horizontal", "vertical", "diagonal", "thin", "thick"):
+            assert word not in words
+    assert named > 100
+
+
+def test_a_share_of_captions_carries_a_rare_word_before_the_class():
+    rare = set(render.rare_words())
+    assert "sks" in rare and len(rare) > 300
+    captions = [c for c, _ in _batches()]
+    with_rare = [c for c in captions if rare & set(c.replace(",", "").split())]
+    assert 0.1 < len(with_rare) / len(captions) < 0.3
+    for caption in with_rare:
+        words = caption.replace(",", "").split()
+        index = next(i for i, w in enumerate(words) if w in rare)
+        assert words[index + 1] in render.CLASSES, caption
+
+
+def test_every_variant_of_every_pattern_draws_differently():
+    coords = (np.arange(64) + 0.5) / 32 - 1
+    u, v = np.meshgrid(coords, coords)
+    masks = {(p, k): render.pattern_mask(p, u, v, k) for p in render.PATTERNS[1:] for k in range(render.NUM_VARIANTS)}
+    keys = list(masks)
+    for i, a in enumerate(keys):
+        assert 0.03 < masks[a].mean() < 0.9, a  # the small spot covers 6% of the square
+        for b in keys[i + 1:]:
+            assert (masks[a] != masks[b]).mean() > 0.05, (a, b)
+
+
+def test_shipped_subjects_are_reserved():
+    for subject in SUBJECTS.values():
+        assert render.is_reserved(subject.cls, subject.pattern, subject.colour, subject.colour2), subject.name
