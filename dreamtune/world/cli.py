@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     demo.add_argument("--output-dir", default="dreamtune-demo", help="Folder for the runs, the grid and the report.")
     demo.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     demo.add_argument("--seed", type=int, default=0, help="Seed for training and sampling.")
+    demo.add_argument("--model", default=None, help="A shapes-world pipeline folder (default: the shipped model).")
     demo.set_defaults(func=_demo)
 
     world = subparsers.add_parser("world", help="The shapes world: pretrain its base model, write subjects, measure quality.")
@@ -74,6 +75,7 @@ def register(subparsers) -> None:
     compare.add_argument("--steps", type=int, default=None, help="Training steps of every method (default: each one's).")
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--no-pairs", action="store_true", help="Skip the two-concept (joint and merged) rows.")
+    compare.add_argument("--model", default=None, help="A shapes-world pipeline folder (default: the shipped model).")
     compare.set_defaults(func=_compare)
 
     subjects = commands.add_parser("subjects", help="Write a subject's reference images (PNG) to a folder.")
@@ -139,7 +141,7 @@ def _compare(args: argparse.Namespace) -> int:
         models = [m.strip() for m in args.models.replace("dreambooth, no prior", "dreambooth-no-prior").split(",")]
         models = ["dreambooth, no prior" if m == "dreambooth-no-prior" else m for m in models if m]
     run_compare(subjects, models=models, output_dir=args.output_dir, seed=args.seed,
-                images_per_prompt=args.images_per_prompt, steps=args.steps, pairs=not args.no_pairs)
+                images_per_prompt=args.images_per_prompt, steps=args.steps, pairs=not args.no_pairs, model=args.model)
     return 0
 
 
@@ -180,5 +182,5 @@ def _demo(args: argparse.Namespace) -> int:
 
     _positive(args.steps, "--steps")
     run_demo(subject=args.subject, method=args.method, steps=args.steps, output_dir=args.output_dir,
-             overwrite=args.overwrite, seed=args.seed)
+             overwrite=args.overwrite, seed=args.seed, model=args.model)
     return 0

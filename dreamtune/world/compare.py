@@ -70,7 +70,8 @@ def _identifier(method: str, index: int) -> str:
     return identifier.replace("1", str(index + 1)) if identifier.startswith("<") else identifier
 
 
-def _config(subjects: list[Subject], method: str, overrides: dict, out: Path, run_dir: Path, *, steps, seed: int):
+def _config(subjects: list[Subject], method: str, overrides: dict, out: Path, run_dir: Path, *, steps, seed: int,
+            base_model: Path):
     from .demo import train_config
 
     config = None
@@ -80,7 +81,7 @@ def _config(subjects: list[Subject], method: str, overrides: dict, out: Path, ru
         if method == "custom_diffusion":
             class_dir = write_real_class_images(subject.class_noun, out / "real_images" / subject.class_noun, seed=seed)
         cfg = train_config(subject, method, out / "subjects" / subject.name, class_dir, run_dir, steps=steps,
-                           seed=seed, **overrides)
+                           seed=seed, base_model=base_model, **overrides)
         concept = cfg.concepts[0]
         concept.identifier = _identifier(method, i)
         concepts.append(concept)
@@ -116,16 +117,18 @@ def _score(cell: Path, name: str, pipe, subject: Subject, identifier: str, *, se
 
 def run_compare(subjects: list[str], *, models: list[str] | None = None, output_dir: str | Path = "dreamtune-compare",
                 seed: int = 0, images_per_prompt: int = 8, steps: int | None = None, pairs: bool = True,
-                progress: bool = True, quiet: bool = False) -> list[dict]:
+                progress: bool = True, quiet: bool = False, model: str | Path | None = None) -> list[dict]:
     """Train and score every model on every subject; returns one row per (subject, model) and writes the table.
 
     `models` picks from "base model", SINGLE_MODELS and (with `pairs`) the two-concept rows; an
-    existing output folder is resumed, finished cells are kept.
+    existing output folder is resumed, finished cells are kept. `model` is another shapes-world
+    pipeline folder (default: the shipped one).
     """
     from ..merge import merge
     from ..pipeline import load_pipeline
     from .demo import _quiet_libraries
 
+    base_model = Path(model).expanduser() if model else MODEL_DIR
     chosen = [get_subject(name) for name in subjects]
     if not chosen:
         raise DreamtuneError("world compare: name at least one subject (--subjects)")
@@ -143,13 +146,13 @@ def run_compare(subjects: list[str], *, models: list[str] | None = None, output_
     for index, subject in enumerate(chosen):
         cells = out / "cells" / subject.name
         if "base model" in wanted:
-            pipe = load_pipeline(str(MODEL_DIR))
+            pipe = load_pipeline(str(base_model))
             rows.append(_score(cells / "base model.json", "base model", pipe, subject, "sks", seed=seed,
                                images_per_prompt=images_per_prompt, train_seconds=0.0, progress=progress))
         for label in (m for m in wanted if m in SINGLE_MODELS):
             method, overrides = SINGLE_MODELS[label]
             run_dir = out / "runs" / subject.name / label.replace(", ", "-").replace(" ", "-")
-            config = _config([subject], method, overrides, out, run_dir, steps=steps, seed=seed)
+            config = _config([subject], method, overrides, out, run_dir, steps=steps, seed=seed, base_model=base_model)
             config.concepts[0].identifier = _identifier(method, index)
             cell = cells / f"{label}.json"
             if cell.exists():
@@ -157,12 +160,12 @@ def run_compare(subjects: list[str], *, models: list[str] | None = None, output_
                 continue
             say(f"{subject.name}: training {label}")
             artifact, seconds = _train(config, run_dir, progress)
-            pipe = load_pipeline(str(MODEL_DIR), artifact)
+            pipe = load_pipeline(str(base_model), artifact)
             rows.append(_score(cell, label, pipe, subject, config.concepts[0].identifier, seed=seed,
                                images_per_prompt=images_per_prompt, train_seconds=seconds, progress=progress))
             say(f"{subject.name}: {label} scored")
     if pairs and len(chosen) >= 2 and "custom_diffusion" in wanted:
-        rows += _two_concepts(chosen[:2], out, seed=seed, steps=steps, images_per_prompt=images_per_prompt,
+        rows += _two_concepts(chosen[:2], out, base_model, seed=seed, steps=steps, images_per_prompt=images_per_prompt,
                               progress=progress, say=say, merge=merge, load_pipeline=load_pipeline)
     table = format_compare(rows)
     write_text(out / "table.txt", table + "\n")
@@ -173,13 +176,13 @@ def run_compare(subjects: list[str], *, models: list[str] | None = None, output_
     return rows
 
 
-def _two_concepts(pair: list[Subject], out: Path, *, seed: int, steps, images_per_prompt: int, progress: bool, say,
+def _two_concepts(pair: list[Subject], out: Path, base_model: Path, *, seed: int, steps, images_per_prompt: int, progress: bool, say,
                   merge, load_pipeline) -> list[dict]:
     """Custom Diffusion on two subjects: jointly trained, and the merge of the two single runs."""
     rows = []
     names = "+".join(s.name for s in pair)
     joint_dir = out / "runs" / names / "custom_diffusion-joint"
-    config = _config(pair, "custom_diffusion", {}, out, joint_dir, steps=steps, seed=seed)
+    config = _config(pair, "custom_diffusion", {}, out, joint_dir, steps=steps, seed=seed, base_model=base_model)
     # Joint training sees both concepts' images: as many steps as the two single runs together.
     config.max_train_steps *= 2
     say(f"{names}: training custom_diffusion joint")
@@ -192,10 +195,10 @@ def _two_concepts(pair: list[Subject], out: Path, *, seed: int, steps, images_pe
             raise DreamtuneError(f"world compare: the merge needs the single-concept runs first: {', '.join(missing)}")
         captions = [line.strip() for s in pair
                     for line in (p.read_text().strip() for p in sorted((out / "real_images" / s.class_noun).glob("*.txt")))]
-        merge([s / "artifact" for s in singles], captions, merged_dir, str(MODEL_DIR))
+        merge([s / "artifact" for s in singles], captions, merged_dir, str(base_model))
     for label, artifact, train_seconds in (("custom_diffusion joint", joint, seconds),
                                            ("custom_diffusion merged", merged_dir, 0.0)):
-        pipe = load_pipeline(str(MODEL_DIR), artifact)
+        pipe = load_pipeline(str(base_model), artifact)
         for index, subject in enumerate(pair):
             cell = out / "cells" / subject.name / f"{label}.json"
             rows.append(_score(cell, label, pipe, subject, f"<new{index + 1}>", seed=seed,

@@ -219,18 +219,21 @@ def _quiet_libraries() -> None:
 
 def run_demo(subject: str = "striped_star", method: str = "all", steps: int | None = None,
              output_dir: str | Path = "dreamtune-demo", overwrite: bool = False, seed: int = 0,
-             progress: bool = True, quiet: bool = False) -> list[ModelScores]:
+             progress: bool = True, quiet: bool = False, model: str | Path | None = None) -> list[ModelScores]:
     """Personalize the shipped model on a shipped subject with each method; print and write the comparison.
 
     Returns one `ModelScores` per model (the base model first). Refuses a non-empty `output_dir`
-    unless `overwrite`.
+    unless `overwrite`. `model` is another shapes-world pipeline folder (default: the shipped one).
     """
     from ..pipeline import load_pipeline
     from ..training import train
 
     chosen = get_subject(subject)
     methods = _methods(method)
-    if not (MODEL_DIR / "model_index.json").exists():
+    base_model = Path(model).expanduser() if model else MODEL_DIR
+    if not (base_model / "model_index.json").exists():
+        if model:
+            raise DreamtuneError(f"--model {base_model} is not a pipeline folder (no model_index.json)")
         raise DreamtuneError(f"the shapes-world base model is missing from {MODEL_DIR}; reinstall dreamtune "
                              "(`pip install -c constraints.txt -e .` in a clone) to get it back")
     out = Path(output_dir).expanduser()
@@ -247,17 +250,17 @@ def run_demo(subject: str = "striped_star", method: str = "all", steps: int | No
 
     rows: list[ModelScores] = []
     samples: dict[str, dict] = {}
-    base = load_pipeline(str(MODEL_DIR))
+    base = load_pipeline(str(base_model))
     scores, samples["base model"] = score_model("base model", base, chosen, "sks", seed=seed, progress=progress)
     rows.append(scores)
     del base
     for name in methods:
         config = train_config(chosen, name, instance_dir, out / "class_images", out / name, steps=steps, seed=seed,
-                              base_model=MODEL_DIR)
+                              base_model=base_model)
         t0 = time.monotonic()
         result = train(config, overwrite=True, progress=progress)
         seconds = time.monotonic() - t0
-        pipe = load_pipeline(str(MODEL_DIR), result.artifact_dir)
+        pipe = load_pipeline(str(base_model), result.artifact_dir)
         identifier = config.concepts[0].identifier
         scores, samples[name] = score_model(name, pipe, chosen, identifier, seed=seed, progress=progress)
         scores.train_seconds = seconds
