@@ -51,6 +51,10 @@ def register(subparsers) -> None:
     pre.add_argument("--vae-from", default=None,
                      help="'shipped' (default: the shipped model's VAE, no VAE phases), a pipeline or VAE folder, "
                      "or '' to train the VAE first.")
+    pre.add_argument("--init-from", default=None,
+                     help="Continue from another world pipeline folder (tensors whose names and shapes match).")
+    pre.add_argument("--unet-channels", default=None, help="UNet block channels, e.g. 48,96,128.")
+    pre.add_argument("--warmup-steps", type=int, default=None)
     pre.set_defaults(func=_pretrain)
 
     export = commands.add_parser("export", help="Write a pipeline folder from a pretraining run's latest checkpoint "
@@ -112,6 +116,15 @@ def _pretrain(args: argparse.Namespace) -> int:
     overrides = {} if args.object_weight is None else {"object_weight": args.object_weight}
     if args.vae_from is not None:
         overrides["vae_from"] = args.vae_from
+    if args.init_from:
+        overrides["init_from"] = str(Path(args.init_from).expanduser().resolve())
+    if args.warmup_steps is not None:
+        overrides["warmup_steps"] = args.warmup_steps
+    if args.unet_channels:
+        try:
+            overrides["unet_channels"] = tuple(int(c) for c in args.unet_channels.split(","))
+        except ValueError:
+            raise DreamtuneError(f"--unet-channels: expected numbers like 48,96,128, got {args.unet_channels!r}") from None
     path = pretrain(args.output_dir, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                     batch_size=args.batch_size, learning_rate=args.learning_rate, minutes=args.minutes,
                     resume=not args.no_resume, threads=args.threads, **overrides)

@@ -71,6 +71,10 @@ class PretrainSettings:
     # Where the VAE comes from: "shipped" loads the shipped model's VAE (trained by this module's
     # VAE and decoder phases: see the model card) and skips those phases; "" trains one.
     vae_from: str = "shipped"
+    # Start the UNet and text encoder from another world pipeline folder (continued pretraining): every
+    # tensor whose name and shape match is copied; attention blocks the other model lacks start as the
+    # identity (their output projection zeroed), so the copy first behaves as its source's layers do.
+    init_from: str = ""
     # Loss weight of latent pixels on and next to the object (background pixels weigh 1). Objects
     # cover 5-15% of an image, so a plain loss learns backgrounds first and shapes last.
     # It may change between resumed parts of a run.
@@ -82,7 +86,7 @@ class PretrainSettings:
 
 # What runs saved before a setting existed used instead of it.
 _EARLIER_DEFAULTS = {"max_length": 77, "text_time_embedding": False, "attention_at_top": False, "object_weight": 1.0,
-                     "unet_layout": "low", "pattern_share": 0.0, "vae_from": ""}
+                     "unet_layout": "low", "pattern_share": 0.0, "vae_from": "", "init_from": ""}
 
 
 def _saved_settings(state_file: Path) -> PretrainSettings:
@@ -437,6 +441,31 @@ def _load_vae(components: dict, source: str) -> None:
     components["vae"].register_to_config(scaling_factor=trained.config.scaling_factor)
 
 
+def _initialise_from(components: dict, source: str, log) -> None:
+    """Copy the UNet and text encoder tensors of a pipeline folder whose names and shapes match."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(source).expanduser()
+    if not (folder / "model_index.json").exists():
+        raise DreamtuneError(f"pretrain: init_from {source!r} is not a pipeline folder (no model_index.json)")
+    sources = {"unet": UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32),
+               "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32)}
+    for name, donor in sources.items():
+        module = components[name]
+        theirs = donor.state_dict()
+        ours = module.state_dict()
+        taken = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
+        module.load_state_dict(taken, strict=False)
+        if name == "unet":
+            # Attention blocks with no counterpart start as the identity: their residual output is zero.
+            for key in ours:
+                if ".attentions." in key and ".proj_out." in key and key not in taken:
+                    with torch.no_grad():
+                        module.get_parameter(key).zero_()
+        log(f"init_from {folder}: {name} took {len(taken)} of {len(ours)} tensors")
+
+
 def _use_refined_decoder(vae, run_dir: Path) -> None:
     # The encoder (and so the latent scale) is the VAE phase's; only decoder weights are taken.
     from safetensors.torch import load_file
@@ -540,7 +569,7 @@ def pretrain(
 
     phase_keys = {"vae": ("seed", "vae_batch_size"),
                   "unet": ("seed", "batch_size", "text_hidden_size", "text_layers", "unet_channels", "max_length",
-                           "text_time_embedding", "attention_at_top", "unet_layout", "vae_from")}
+                           "text_time_embedding", "attention_at_top", "unet_layout", "vae_from", "init_from")}
     for phase, keys in phase_keys.items():
         previous = run_dir / "checkpoints" / phase / "state.json"
         if resume and previous.exists():
@@ -557,7 +586,9 @@ def pretrain(
     stopwatch = _Stopwatch(minutes, stop_after_steps)
     if settings.vae_from:
         _load_vae(components, settings.vae_from)
-    else:
+    if settings.init_from:
+        _initialise_from(components, settings.init_from, log)
+    if not settings.vae_from:
         if not train_vae(components, settings, run_dir, resume=resume, progress=progress, stopwatch=stopwatch,
                          log=log):
             log("stopped in the vae phase (time limit); resume to go on")
