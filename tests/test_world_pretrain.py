@@ -109,3 +109,22 @@ def test_runs_saved_before_a_setting_existed_keep_their_meaning(tmp_path):
     assert config["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
     with pytest.raises(DreamtuneError, match="unet_layout=low differs from sd"):
         pretrain(tmp_path, **TINY_FROM_SCRATCH)  # today's defaults differ from what that run used
+
+
+def test_continued_pretraining_copies_matching_tensors_and_starts_new_attention_as_identity(tmp_path):
+    source = pretrain(tmp_path / "first", unet_layout="low", **TINY)
+    # No step taken: the exported pipeline holds the initial weights.
+    copy = pretrain(tmp_path / "second", init_from=str(source), stop_after_steps=0, **TINY)
+    theirs = load_file(source / "unet" / "diffusion_pytorch_model.safetensors")
+    ours = load_file(copy / "unet" / "diffusion_pytorch_model.safetensors")
+    shared = [k for k in ours if k in theirs and ours[k].shape == theirs[k].shape]
+    assert len(shared) > len(ours) / 2
+    assert all(torch.equal(ours[k], theirs[k]) for k in shared)
+    new_out = [k for k in ours if ".attentions." in k and ".proj_out." in k and k not in theirs]
+    assert new_out and all(torch.count_nonzero(ours[k]) == 0 for k in new_out)
+    a = load_file(source / "text_encoder" / "model.safetensors")
+    b = load_file(copy / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pretrain(tmp_path / "second", init_from=str(source), stop_after_steps=1, **TINY)
+    with pytest.raises(DreamtuneError, match="init_from"):
+        pretrain(tmp_path / "second", **TINY)  # resuming it from scratch instead is refused
