@@ -27,7 +27,9 @@ from .subjects import Subject, class_prompt, get_subject, subject_prompts, write
 SAMPLING_STEPS = 25
 # 8 images per prompt: at 2, one model's figures moved by 0.15 between runs.
 IMAGES_PER_PROMPT = 8
-CLASS_IMAGES_FOR_DRIFT = 24
+# Images of the plain class prompt for drift and diversity: three prompts' worth, at least 12.
+CLASS_IMAGES_PER_PROMPT_IMAGE = 3
+MIN_CLASS_IMAGES = 12
 
 # The world's settings per method (32 px, a 7M-parameter UNet), chosen on the shipped subjects only and
 # used unchanged on generated ones. The rare identifier "sks" is a word the world's text encoder has
@@ -161,7 +163,8 @@ def score_model(name: str, pipe, subject: Subject, identifier: str, *, seed: int
                     guidance=DEFAULT_GUIDANCE, batch_size=32, height=32, width=32, progress=progress)
     readings = oracle.read_all(images)
     by_prompt = [readings[i * images_per_prompt:(i + 1) * images_per_prompt] for i in range(len(prompts))]
-    class_images = sample(pipe, [class_prompt(subject)], num_images=CLASS_IMAGES_FOR_DRIFT, seed=seed + 1000,
+    class_count = max(MIN_CLASS_IMAGES, CLASS_IMAGES_PER_PROMPT_IMAGE * images_per_prompt)
+    class_images = sample(pipe, [class_prompt(subject)], num_images=class_count, seed=seed + 1000,
                           steps=SAMPLING_STEPS, guidance=DEFAULT_GUIDANCE, batch_size=32, height=32, width=32)
     class_readings = oracle.read_all(class_images)
     figures = score_subject(by_prompt, [p.attributes for p in prompts], subject.identity(), class_readings,
