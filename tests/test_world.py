@@ -85,14 +85,14 @@ def _subject_like_scenes(rng, count):
         colour, colour2, background = rng.choice(render.COLOURS, size=3, replace=False)
         scenes.append(Scene(subject.cls, str(colour), str(background), str(rng.choice(["medium", "large"])),
                             str(rng.choice(render.POSITIONS)), subject.pattern, str(colour2),
-                            jitter_x=float(rng.uniform(-1, 1)), jitter_y=float(rng.uniform(-1, 1))))
+                            int(rng.integers(render.NUM_VARIANTS)), jitter_x=float(rng.uniform(-1, 1)), jitter_y=float(rng.uniform(-1, 1))))
     return scenes
 
 
 def test_oracle_reads_rendered_images():
     rng = np.random.default_rng(11)
-    scenes = [render.random_scene(rng, include_held_out=True) for _ in range(300)]
-    scenes += _subject_like_scenes(rng, 100)
+    scenes = [render.random_scene(rng, include_held_out=True, pattern_share=0.4) for _ in range(120)]
+    scenes += _subject_like_scenes(rng, 40)
     readings = [oracle.read(render.render(s)) for s in scenes]
     assert _attribute_share(readings, scenes) >= 0.99
     accuracy = oracle.attribute_accuracy(readings, [s.attributes() for s in scenes])
@@ -132,14 +132,20 @@ def test_oracle_recognises_each_subject_and_not_its_plain_class(name):
     subject = SUBJECTS[name]
     references = [oracle.read(image) for image in subject.reference_images()]
     signature = oracle.subject_signature(references)
-    assert signature == {"class": subject.cls, "pattern": subject.pattern,
-                         "colours": tuple(sorted((subject.colour, subject.colour2)))}
+    assert signature == subject.identity()
     plain = [oracle.read(render.render(Scene(subject.cls, subject.colour, bg, "large")))
              for bg in subject.backgrounds()[:3]]
     assert oracle.subject_fidelity(references, references) == 1.0
     assert oracle.subject_fidelity(plain, references) < 0.5
     assert oracle.language_drift(references, references) == 1.0
     assert oracle.language_drift(plain, references) == 0.0
+    # The same look in another geometry is not the subject.
+    other = (subject.variant + 1) % render.NUM_VARIANTS
+    moved = [oracle.read(render.render(Scene(subject.cls, subject.colour, bg, "large", "center", subject.pattern,
+                                             subject.colour2, other))) for bg in subject.backgrounds()[:3]]
+    assert oracle.subject_fidelity(moved, references) == pytest.approx(0.8)
+    assert not any(oracle.subject_present(r, signature) for r in moved)
+    assert oracle.language_drift(moved, references) == 0.0
 
 
 def test_subject_prompts_carry_their_ground_truth():
@@ -178,7 +184,14 @@ def test_bench_scorer_reads_subject_images(tmp_path):
     write_subject_images(subject, tmp_path)
     bench_subject = SimpleNamespace(name=subject.name, images_dir=tmp_path)
     own = bench_scorer(subject.reference_images(), [], bench_subject)
-    assert own["subject_fidelity"] > 0.9
+    assert own["subject_fidelity"] > 0.9 and own["subject_present"] > 0.9
+    # With world prompts the named attributes are checked too, and joint success needs both.
+    scenes = subject.reference_scenes()
+    right = [f"a photo of a sks star on a {s.background} background" for s in scenes]
+    wrong = [f"a photo of a sks star on a {subject.colour} background" for s in scenes]
+    scored = bench_scorer(subject.reference_images(), right, bench_subject)
+    assert scored["prompt_fidelity"] == 1.0 and scored["joint"] == scored["subject_present"]
+    assert bench_scorer(subject.reference_images(), wrong, bench_subject)["joint"] == 0.0
     other = get_subject("dashed_ring")
     elsewhere = bench_scorer(other.reference_images(), [], bench_subject)
     assert elsewhere["subject_fidelity"] < own["subject_fidelity"]

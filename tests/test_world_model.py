@@ -75,8 +75,12 @@ def test_quality_measure_runs_on_a_few_samples(pipe):
                              progress=False)
     held = result["held_out"]
     assert held["samples"] == 3
-    assert all(0.0 <= held[k] <= 1.0 for k in ("class", "colour", "background"))
-    assert "held_out" in format_quality(result)
+    assert all(0.0 <= held[k] <= 1.0 for k in ("class", "colour", "background", "size", "position", "pattern"))
+    patterned = result["held_out_pattern"]
+    assert patterned["samples"] == 3 and {"pattern", "colour2"} <= set(patterned["intervals"])
+    assert all(low <= patterned[k] <= high for k, (low, high) in patterned["intervals"].items())
+    table = format_quality(result)
+    assert "held-out plain" in table and "held-out pattern" in table and "colour2" in table
 
 
 def test_demo_runs_a_short_personalization_on_the_shipped_model(tmp_path, capsys):
@@ -90,14 +94,18 @@ def test_demo_runs_a_short_personalization_on_the_shipped_model(tmp_path, capsys
 
     before = digest()
     out = tmp_path / "demo"
-    assert main(["demo", "--steps", "5", "--method", "dreambooth", "--subject", "banded_triangle",
+    assert main(["demo", "--steps", "5", "--method", "dreambooth", "--subject", "gen-0-1", "--images-per-prompt", "1",
                  "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["subject"] == "banded_triangle"
+    assert metrics["subject"] == "gen-0-1"  # a generated subject works wherever a subject is named
     assert [m["name"] for m in metrics["models"]] == ["base model", "dreambooth"]
     for m in metrics["models"]:
         assert 0.0 <= m["subject_fidelity"] <= 1.0 and 0.0 <= m["prompt_fidelity"] <= 1.0
+        assert 0.0 <= m["joint"] <= m["subject_present"] <= 1.0
+        low, high = m["intervals"]["subject_fidelity"]["low"], m["intervals"]["subject_fidelity"]["high"]
+        assert low <= m["subject_fidelity"] <= high
+    assert "joint" in printed and "subject" in printed
     assert "dreambooth" in printed and (out / "grid.png").stat().st_size > 0
     assert "<table>" in (out / "report.html").read_text()
     assert digest() == before  # personalizing never writes into the shipped model

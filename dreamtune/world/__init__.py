@@ -10,7 +10,14 @@ MODEL_DIR = Path(__file__).parent / "model"
 
 from .oracle import Reading, read  # noqa: E402
 from .render import CLASSES, COLOURS, HELD_OUT, Scene, render_pil  # noqa: E402
-from .subjects import SUBJECTS, Subject, get_subject, subject_prompts, write_subject_images  # noqa: E402
+from .subjects import (  # noqa: E402
+    SUBJECTS,
+    Subject,
+    generate_subjects,
+    get_subject,
+    subject_prompts,
+    write_subject_images,
+)
 
 __all__ = [
     "CLASSES",
@@ -21,6 +28,7 @@ __all__ = [
     "Reading",
     "Scene",
     "Subject",
+    "generate_subjects",
     "get_subject",
     "read",
     "render_pil",

@@ -1,4 +1,4 @@
-"""The shapes world's commands: `dreamtune demo` and `dreamtune world {pretrain,subjects,quality}`.
+"""The shapes world's commands: `dreamtune demo` and `dreamtune world {pretrain,subjects,quality,oracle-check}`.
 
 The main CLI calls `register(subparsers)`; every parser sets `func=handler`, `handler(args) -> int`.
 Heavy imports happen inside the handlers so that `dreamtune --help` stays quick.
@@ -30,10 +30,13 @@ def register(subparsers) -> None:
     demo.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     demo.add_argument("--seed", type=int, default=0, help="Seed for training and sampling.")
     demo.add_argument("--model", default=None, help="A shapes-world pipeline folder (default: the shipped model).")
+    demo.add_argument("--images-per-prompt", type=int, default=8,
+                      help="Images sampled per prompt for the scores (fewer: quicker, wider intervals).")
     demo.set_defaults(func=_demo)
 
     world = subparsers.add_parser("world", help="The shapes world: pretrain its base model, write subjects, measure quality.")
-    commands = world.add_subparsers(dest="world_command", metavar="{pretrain,export,subjects,quality,compare}")
+    commands = world.add_subparsers(dest="world_command",
+                                    metavar="{pretrain,export,subjects,quality,compare,oracle-check}")
     commands.required = True
 
     pre = commands.add_parser("pretrain", help="Train a shapes-world base model (a diffusers pipeline folder).")
@@ -84,19 +87,38 @@ def register(subparsers) -> None:
 
     subjects = commands.add_parser("subjects", help="Write a subject's reference images (PNG) to a folder.")
     subjects.add_argument("--out", help="Folder to write into (one subfolder per subject with --subject all).")
-    subjects.add_argument("--subject", default="all", help="Subject name, or 'all'.")
+    subjects.add_argument("--subject", default="all",
+                          help="Subject name (a shipped one, or a generated one as gen-<seed>-<k>), or 'all'.")
     subjects.add_argument("--captions", action="store_true", help="Also write a .txt caption beside each image.")
     subjects.add_argument("--list", action="store_true", help="List the subjects and exit.")
+    subjects.add_argument("--generate", type=int, default=None, metavar="N",
+                          help="Work on N new subjects drawn from combinations pretraining never showed "
+                          "(named gen-<seed>-<k>) instead of the shipped ones: list them, or write them with --out.")
+    subjects.add_argument("--seed", type=int, default=0, help="Seed of --generate.")
     subjects.set_defaults(func=_subjects)
 
-    quality = commands.add_parser("quality", help="Measure a base model with the oracle on held-out prompts.")
+    quality = commands.add_parser("quality", help="Measure a base model with the oracle on held-out prompts.",
+                                  description="Samples prompts built from combinations held out of pretraining (plain "
+                                  "colour-class pairs, and reserved class-pattern-colour combinations), each with a "
+                                  "background, size and position, and prints the share of images that honour each "
+                                  "attribute with a 95%% bootstrap interval.")
     quality.add_argument("--model", default=None, help="Pipeline folder (default: the shipped model).")
     quality.add_argument("--steps", type=int, default=25, help="Sampling steps.")
     quality.add_argument("--guidance", type=float, default=None, help="Guidance scale (default: the model's).")
-    quality.add_argument("--images-per-prompt", type=int, default=4)
+    quality.add_argument("--images-per-prompt", type=int, default=8)
     quality.add_argument("--seed", type=int, default=0)
     quality.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     quality.set_defaults(func=_quality)
+
+    check = commands.add_parser("oracle-check", help="Measure the oracle's per-attribute accuracy on clean and perturbed renders.",
+                                description="Draws seeded random scenes twice, clean and perturbed the way fine-tuned "
+                                "models draw (bent shapes, irregular and broken patterns, shifted colours, blur, noise, "
+                                "JPEG blocks, slight shifts), reads them with the oracle and prints its accuracy per attribute.")
+    check.add_argument("--count", type=int, default=600, help="Number of scenes.")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--strength", type=float, default=1.0, help="Scale of every perturbation (1: the validated level).")
+    check.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
+    check.set_defaults(func=_oracle_check)
 
 
 def _positive(value: int | None, option: str) -> None:
@@ -159,20 +181,26 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _subjects(args: argparse.Namespace) -> int:
-    from .subjects import SUBJECTS, get_subject, write_subject_images
+    from .subjects import SUBJECTS, generate_subjects, get_subject, write_subject_images
 
-    if args.list:
-        for subject in SUBJECTS.values():
-            print(f"{subject.name:<16} {subject.class_noun:<9} {subject.description}")
+    if args.generate is not None:
+        if args.generate < 1:
+            raise DreamtuneError(f"--generate must be at least 1, got {args.generate}")
+        pool = generate_subjects(args.generate, args.seed)
+    else:
+        pool = list(SUBJECTS.values())
+    if args.list or (args.generate is not None and not args.out):
+        for subject in pool:
+            print(f"{subject.name:<16} {subject.class_noun:<9} variant {subject.variant}  {subject.description}")
         return 0
     if not args.out:
         raise DreamtuneError("world subjects: --out DIR is required (or --list)")
-    names = list(SUBJECTS) if args.subject == "all" else [get_subject(args.subject).name]
+    chosen = pool if args.subject == "all" else [get_subject(args.subject)]
     out = Path(args.out)
-    for name in names:
-        folder = out / name if args.subject == "all" else out
-        paths = write_subject_images(name, folder, captions=args.captions)
-        print(f"{name}: {len(paths)} images in {folder}")
+    for subject in chosen:
+        folder = out / subject.name if args.subject == "all" else out
+        paths = write_subject_images(subject, folder, captions=args.captions)
+        print(f"{subject.name}: {len(paths)} images in {folder}")
     return 0
 
 
@@ -190,10 +218,25 @@ def _quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _oracle_check(args: argparse.Namespace) -> int:
+    from ..io import write_json
+    from .perturb import format_oracle_accuracy, oracle_accuracy
+
+    _positive(args.count, "--count")
+    if args.strength < 0:
+        raise DreamtuneError(f"--strength must be 0 or more, got {args.strength}")
+    result = oracle_accuracy(args.count, args.seed, args.strength)
+    print(format_oracle_accuracy(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     _positive(args.steps, "--steps")
+    _positive(args.images_per_prompt, "--images-per-prompt")
     run_demo(subject=args.subject, method=args.method, steps=args.steps, output_dir=args.output_dir,
-             overwrite=args.overwrite, seed=args.seed, model=args.model)
+             overwrite=args.overwrite, seed=args.seed, model=args.model, images_per_prompt=args.images_per_prompt)
     return 0

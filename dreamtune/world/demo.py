@@ -14,19 +14,22 @@ import html
 import io
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DreamtuneError
-from ..io import require_empty, save_image, write_json, write_text
-from ..logs import quiet_libraries
+from ..io import save_image, write_json, write_text
 from . import MODEL_DIR, oracle
 from .quality import DEFAULT_GUIDANCE
+from .scores import SubjectScores, format_attributes, format_scores, score_subject
 from .subjects import Subject, class_prompt, get_subject, subject_prompts, write_subject_images
 
 SAMPLING_STEPS = 25
-IMAGES_PER_PROMPT = 2
-CLASS_IMAGES_FOR_DRIFT = 12
+# 8 images per prompt: at 2, one model's figures moved by 0.15 between runs.
+IMAGES_PER_PROMPT = 8
+# Images of the plain class prompt for drift and diversity: three prompts' worth, at least 12.
+CLASS_IMAGES_PER_PROMPT_IMAGE = 3
+MIN_CLASS_IMAGES = 12
 
 # The world's settings per method (32 px, a 7M-parameter UNet), chosen on the shipped subjects only and
 # used unchanged on generated ones. The rare identifier "sks" is a word the world's text encoder has
@@ -48,7 +51,10 @@ DEMO_METHODS = ("dreambooth", "custom_diffusion")
 
 @dataclass
 class ModelScores:
-    """The oracle's verdict on one model for one subject."""
+    """The oracle's verdict on one model for one subject (see `dreamtune.world.scores`).
+
+    The plain numbers are the figures' values; `figures` has each with its bootstrap interval.
+    """
 
     name: str
     subject_fidelity: float
@@ -56,6 +62,22 @@ class ModelScores:
     language_drift: float
     class_diversity: float
     train_seconds: float = 0.0
+    subject_present: float = float("nan")
+    joint: float = float("nan")
+    per_attribute: dict = field(default_factory=dict)
+    figures: SubjectScores | None = None
+
+    def __post_init__(self) -> None:
+        # Rows read back from JSON (a compare cell) carry the figures as plain dicts.
+        if isinstance(self.figures, dict):
+            self.figures = SubjectScores.from_dict(self.figures)
+
+    def as_dict(self) -> dict:
+        """Plain numbers for metrics.json, intervals included."""
+        out = {k: v for k, v in vars(self).items() if k != "figures"}
+        if self.figures is not None:
+            out["intervals"] = self.figures.as_dict()
+        return out
 
 
 def available_methods() -> list[str]:
@@ -128,36 +150,49 @@ def train_config(subject: Subject, method: str, instance_dir: Path, class_dir: P
 
 def score_model(name: str, pipe, subject: Subject, identifier: str, *, seed: int,
                 images_per_prompt: int = IMAGES_PER_PROMPT, progress: bool = False) -> tuple[ModelScores, dict]:
-    """Sample a subject's prompts and its plain class prompt with a pipeline and score them with the oracle."""
+    """Sample a subject's prompts and its plain class prompt with a pipeline and score them in the papers' protocol.
+
+    Each image of a personalized prompt is scored for subject fidelity against the subject's identity
+    and for the attributes its prompt names; see `dreamtune.world.scores`.
+    """
     from ..pipeline import sample
 
-    references = [oracle.read(image) for image in subject.reference_images()]
     prompts = subject_prompts(subject)
     texts = [p.format(identifier, subject.class_noun) for p in prompts]
     images = sample(pipe, texts, num_images=images_per_prompt, seed=seed, steps=SAMPLING_STEPS,
                     guidance=DEFAULT_GUIDANCE, batch_size=32, height=32, width=32, progress=progress)
     readings = oracle.read_all(images)
-    wanted = [{"class": subject.cls, **p.attributes} for p in prompts for _ in range(images_per_prompt)]
-    class_images = sample(pipe, [class_prompt(subject)], num_images=CLASS_IMAGES_FOR_DRIFT, seed=seed + 1000,
+    by_prompt = [readings[i * images_per_prompt:(i + 1) * images_per_prompt] for i in range(len(prompts))]
+    class_count = max(MIN_CLASS_IMAGES, CLASS_IMAGES_PER_PROMPT_IMAGE * images_per_prompt)
+    class_images = sample(pipe, [class_prompt(subject)], num_images=class_count, seed=seed + 1000,
                           steps=SAMPLING_STEPS, guidance=DEFAULT_GUIDANCE, batch_size=32, height=32, width=32)
     class_readings = oracle.read_all(class_images)
+    figures = score_subject(by_prompt, [p.attributes for p in prompts], subject.identity(), class_readings,
+                            seed=seed)
     scores = ModelScores(
         name=name,
-        subject_fidelity=oracle.subject_fidelity(readings, references),
-        prompt_fidelity=oracle.prompt_fidelity(readings, wanted),
-        language_drift=oracle.language_drift(class_readings, references),
-        class_diversity=oracle.diversity(class_readings),
+        subject_fidelity=figures.subject_fidelity.value,
+        prompt_fidelity=figures.prompt_fidelity.value,
+        language_drift=figures.language_drift.value,
+        class_diversity=figures.diversity.value,
+        subject_present=figures.subject_present.value,
+        joint=figures.joint.value,
+        per_attribute={k: f.value for k, f in figures.per_attribute.items()},
+        figures=figures,
     )
     return scores, {"texts": texts, "prompts": prompts, "images": images, "class_images": class_images}
 
 
 def format_table(rows: list[ModelScores]) -> str:
-    """The demo's metrics as a plain-text table."""
-    lines = [f"{'model':<18} {'subject fid.':>12} {'prompt fid.':>11} {'drift':>6} {'class div.':>10} {'train s':>8}",
-             "-" * 70]
+    """The demo's metrics as plain text: one row per model with 95% intervals, then its per-attribute prompt fidelity."""
+    lines = []
     for r in rows:
-        lines.append(f"{r.name:<18} {r.subject_fidelity:>12.2f} {r.prompt_fidelity:>11.2f} {r.language_drift:>6.2f} "
-                     f"{r.class_diversity:>10.2f} {r.train_seconds:>8.0f}")
+        if r.figures is None:
+            lines.append(f"{r.name:<18} subject {r.subject_fidelity:.2f}  prompt {r.prompt_fidelity:.2f}  "
+                         f"drift {r.language_drift:.2f}  div {r.class_diversity:.2f}")
+            continue
+        lines.append(format_scores(r.name, r.figures) + (f"  train {r.train_seconds:.0f} s" if r.train_seconds else ""))
+        lines.append(format_attributes(r.figures))
     return "\n".join(lines)
 
 
@@ -183,11 +218,18 @@ def _html(subject: Subject, rows: list[ModelScores], grid, references_grid) -> s
         image.save(buffer, format="PNG")
         return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
-    head = "".join(f"<th>{h}</th>" for h in ("model", "subject fidelity", "prompt fidelity", "language drift",
-                                              "class diversity", "train seconds"))
+    head = "".join(f"<th>{h}</th>" for h in ("model", "subject fidelity", "subject present", "prompt fidelity",
+                                              "joint success", "language drift", "class diversity", "train seconds"))
+
+    def cell(r: ModelScores, key: str, value: float) -> str:
+        figure = getattr(r.figures, key, None) if r.figures is not None else None
+        return f"<td>{figure}</td>" if figure is not None else f"<td>{value:.2f}</td>"
+
     body = "".join(
-        f"<tr><td>{html.escape(r.name)}</td><td>{r.subject_fidelity:.2f}</td><td>{r.prompt_fidelity:.2f}</td>"
-        f"<td>{r.language_drift:.2f}</td><td>{r.class_diversity:.2f}</td><td>{r.train_seconds:.0f}</td></tr>"
+        f"<tr><td>{html.escape(r.name)}</td>{cell(r, 'subject_fidelity', r.subject_fidelity)}"
+        f"{cell(r, 'subject_present', r.subject_present)}{cell(r, 'prompt_fidelity', r.prompt_fidelity)}"
+        f"{cell(r, 'joint', r.joint)}{cell(r, 'language_drift', r.language_drift)}"
+        f"{cell(r, 'diversity', r.class_diversity)}<td>{r.train_seconds:.0f}</td></tr>"
         for r in rows)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>dreamtune demo: {html.escape(subject.name)}</title>
@@ -198,18 +240,33 @@ img{{image-rendering:pixelated}}</style></head><body>
 <img src="{embed(references_grid)}">
 <h2>Oracle metrics</h2>
 <table><tr>{head}</tr>{body}</table>
-<p>Subject fidelity: class, pattern and colours of the generated images against the references (0-1).
-Prompt fidelity: share of the prompted attributes (class, background, position, size, colour) honoured.
-Language drift: share of images of "{html.escape(class_prompt(subject))}" that show the subject's pattern.
-Class diversity: chance that two of those images differ in an attribute.</p>
+<p>Every image of a personalized prompt is scored twice. Subject fidelity: the share of the subject's
+identity (class, both colours, pattern and its geometry) it matches; subject present: all of it.
+Prompt fidelity: the share of the attributes its prompt names (background, position, size, colour; never
+the subject's class) it honours. Joint success: subject present and every named attribute honoured.
+Language drift: share of images of "{html.escape(class_prompt(subject))}" that show the subject's look
+(pattern, geometry and colours). Class diversity: chance that two of those images differ in an attribute.
+Brackets: 95% bootstrap intervals (prompts, then images, resampled).</p>
 <h2>Samples</h2><img src="{embed(grid)}">
 </body></html>
 """
 
 
+def _quiet_libraries() -> None:
+    # Loading bars and notices of diffusers and transformers would bury the demo's own progress.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def run_demo(subject: str = "striped_star", method: str = "all", steps: int | None = None,
              output_dir: str | Path = "dreamtune-demo", overwrite: bool = False, seed: int = 0,
-             progress: bool = True, quiet: bool = False, model: str | Path | None = None) -> list[ModelScores]:
+             progress: bool = True, quiet: bool = False, model: str | Path | None = None,
+             images_per_prompt: int = IMAGES_PER_PROMPT) -> list[ModelScores]:
     """Personalize the shipped model on a shipped subject with each method; print and write the comparison.
 
     Returns one `ModelScores` per model (the base model first). Refuses a non-empty `output_dir`
@@ -226,12 +283,13 @@ def run_demo(subject: str = "striped_star", method: str = "all", steps: int | No
             raise DreamtuneError(f"--model {base_model} is not a pipeline folder (no model_index.json)")
         raise DreamtuneError(f"the shapes-world base model is missing from {MODEL_DIR}; reinstall dreamtune "
                              "(`pip install -c constraints.txt -e .` in a clone) to get it back")
-    out = require_empty(output_dir, overwrite=overwrite, option="--output-dir")
-    if out.exists():
+    out = Path(output_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise DreamtuneError(f"--output-dir {out} is not empty: pass --overwrite to replace it")
         shutil.rmtree(out)
     say = (lambda *a: None) if quiet else print
-    # Loading bars and notices of diffusers and transformers would bury the demo's own progress.
-    quiet_libraries()
+    _quiet_libraries()
     started = time.monotonic()
     instance_dir = out / "subject"
     write_subject_images(chosen, instance_dir)
@@ -240,7 +298,8 @@ def run_demo(subject: str = "striped_star", method: str = "all", steps: int | No
     rows: list[ModelScores] = []
     samples: dict[str, dict] = {}
     base = load_pipeline(str(base_model))
-    scores, samples["base model"] = score_model("base model", base, chosen, "sks", seed=seed, progress=progress)
+    scores, samples["base model"] = score_model("base model", base, chosen, "sks", seed=seed, progress=progress,
+                                                images_per_prompt=images_per_prompt)
     rows.append(scores)
     del base
     for name in methods:
@@ -251,7 +310,8 @@ def run_demo(subject: str = "striped_star", method: str = "all", steps: int | No
         seconds = time.monotonic() - t0
         pipe = load_pipeline(str(base_model), result.artifact_dir)
         identifier = config.concepts[0].identifier
-        scores, samples[name] = score_model(name, pipe, chosen, identifier, seed=seed, progress=progress)
+        scores, samples[name] = score_model(name, pipe, chosen, identifier, seed=seed, progress=progress,
+                                               images_per_prompt=images_per_prompt)
         scores.train_seconds = seconds
         rows.append(scores)
         del pipe, result
@@ -264,14 +324,14 @@ def run_demo(subject: str = "striped_star", method: str = "all", steps: int | No
     columns += [chosen.class_noun, chosen.class_noun]
     grid_rows = []
     for name, data in samples.items():
-        images = [data["images"][i * IMAGES_PER_PROMPT] for i in picks] + data["class_images"][:2]
+        images = [data["images"][i * images_per_prompt] for i in picks] + data["class_images"][:2]
         grid_rows.append((name, images))
     grid = _grid(grid_rows, columns)
     references_grid = _grid([("references", chosen.reference_images())], [""] * len(chosen.reference_scenes()))
     save_image(grid, out / "grid.png")
     write_text(out / "report.html", _html(chosen, rows, grid, references_grid))
     write_json(out / "metrics.json", {"subject": chosen.name, "seconds": time.monotonic() - started,
-                                      "models": [vars(r) for r in rows]})
+                                      "models": [r.as_dict() for r in rows]})
     say("")
     say(format_table(rows))
     say(f"\ngrid: {out / 'grid.png'}  report: {out / 'report.html'}  ({time.monotonic() - started:.0f} s)")

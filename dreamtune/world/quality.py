@@ -1,7 +1,11 @@
 """Measure a shapes-world base model with the oracle: does it draw what the prompt asks for?
 
-The main check prompts for colour-class pairs held out of training ("a photo of a blue triangle on a
-green background"), so it measures composition of words rather than recall of training images.
+The main check prompts for combinations held out of training, so it measures composition of words
+rather than recall of training images: plain objects in the colour-class pairs pretraining never
+drew ("a photo of a small blue triangle on a green background, in the top left"), and patterned
+objects in the class-pattern-colour combinations it never drew ("... a red star with white stripes
+..."), each with a background, a size and a position. Every attribute a prompt names is scored on
+every image, with a 95% bootstrap interval (prompts, then images, resampled).
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import numpy as np
 import torch
 
 from . import oracle, render
-from .render import COLOURS, HELD_OUT, describe
+from .render import CLASSES, COLOURS, HELD_OUT, PATTERNS, POSITIONS, SIZES, describe
 
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_STEPS = 25
+DEFAULT_IMAGES_PER_PROMPT = 8
+QUALITY_ATTRIBUTES = ("class", "colour", "background", "size", "position", "pattern", "colour2")
 
 
 def load_base_pipeline(model_dir: str | Path | None = None):
@@ -58,14 +64,51 @@ def generate(pipe, prompts: Sequence[str], *, images_per_prompt: int = 1, seed: 
     return images
 
 
-def held_out_prompts() -> list[tuple[str, dict]]:
-    """Prompts for every held-out colour-class pair on every other background, with their truths."""
+def _layout(rng: np.random.Generator, colours: tuple[str, ...]) -> tuple[str, str, str]:
+    background = str(rng.choice([c for c in COLOURS if c not in colours]))
+    return background, str(rng.choice(list(SIZES))), str(rng.choice(POSITIONS))
+
+
+def held_out_prompts(per_pair: int = 6, seed: int = 0) -> list[tuple[str, dict]]:
+    """Prompts for every held-out colour-class pair, `per_pair` of them with a seeded background, size and position."""
+    rng = np.random.default_rng([seed, 7])
     prompts = []
     for colour, cls in HELD_OUT:
-        for background in COLOURS:
-            if background != colour:
-                prompts.append((describe(cls, colour=colour, background=background),
-                                {"class": cls, "colour": colour, "background": background}))
+        for _ in range(per_pair):
+            background, size, position = _layout(rng, (colour,))
+            prompts.append((describe(cls, colour=colour, background=background, size=size, position=position),
+                            {"class": cls, "colour": colour, "background": background, "size": size,
+                             "position": position, "pattern": "plain"}))
+    return prompts
+
+
+def reserved_combinations() -> list[tuple[str, str, str, str]]:
+    """Every class-pattern-colour combination pretraining never drew (`render.is_reserved`)."""
+    return [(cls, pattern, colour, colour2) for cls in CLASSES for pattern in PATTERNS[1:] for colour in COLOURS
+            for colour2 in COLOURS if colour2 != colour and render.is_reserved(cls, pattern, colour, colour2)]
+
+
+def held_out_pattern_prompts(count: int = 24, seed: int = 0) -> list[tuple[str, dict]]:
+    """Prompts naming `count` seeded reserved combinations ("a red star with white stripes"), laid out at random."""
+    from .perturb import pattern_visible
+    from .render import Scene
+
+    rng = np.random.default_rng([seed, 8])
+    pool = reserved_combinations()
+    prompts = []
+    for index in rng.permutation(len(pool)):
+        cls, pattern, colour, colour2 = pool[index]
+        # A pattern that no geometry of it shows on this class cannot be judged from pixels.
+        if not any(pattern_visible(Scene(cls, colour, "black", "medium", "center", pattern, colour2, k), 0.15)
+                   for k in range(render.NUM_VARIANTS)):
+            continue
+        background, size, position = _layout(rng, (colour, colour2))
+        prompts.append((describe(cls, colour=colour, background=background, size=size, position=position,
+                                 pattern=pattern, colour2=colour2),
+                        {"class": cls, "colour": colour, "background": background, "size": size,
+                         "position": position, "pattern": pattern, "colour2": colour2}))
+        if len(prompts) == count:
+            break
     return prompts
 
 
@@ -73,21 +116,52 @@ def seen_prompts(count: int = 24, seed: int = 1) -> list[tuple[str, dict]]:
     """Prompts for random colour-class-background combinations of the training distribution."""
     prompts = []
     for scene in render.iter_scenes(seed, count):
-        prompts.append((describe(scene.cls, colour=scene.colour, background=scene.background),
-                        {"class": scene.cls, "colour": scene.colour, "background": scene.background}))
+        prompts.append((describe(scene.cls, colour=scene.colour, background=scene.background, size=scene.size,
+                                 position=scene.position),
+                        {"class": scene.cls, "colour": scene.colour, "background": scene.background,
+                         "size": scene.size, "position": scene.position, "pattern": "plain"}))
     return prompts
 
 
-def measure_quality(model_dir: str | Path | None = None, *, images_per_prompt: int = 4, steps: int = DEFAULT_STEPS,
-                    guidance: float = DEFAULT_GUIDANCE, seed: int = 0, max_prompts: int | None = None,
-                    include_seen: bool = True, progress: bool = True, pipe=None) -> dict:
-    """Sample the held-out prompts (and, with `include_seen`, seen ones) and score them with the oracle.
+def score_prompts(readings: Sequence[oracle.Reading], truths: Sequence[dict], images_per_prompt: int,
+                  seed: int = 0) -> dict:
+    """Per-attribute share honoured over images (grouped `images_per_prompt` to a prompt), with intervals.
 
-    Returns {"held_out": {"class": share, "colour": ..., "background": ..., "samples": n, "per_class": {...}},
-    "seen": {...}, "steps": ..., "guidance": ...}. `max_prompts` caps each prompt set (for quick checks).
+    Returns {attribute: share, ..., "intervals": {attribute: [low, high]}, "samples": n, "per_class": {...}}.
+    """
+    from .scores import bootstrap
+
+    prompts = len(readings) // images_per_prompt
+    shape = (prompts, images_per_prompt)
+    result: dict = {"samples": len(readings), "intervals": {}}
+    for key in QUALITY_ATTRIBUTES:
+        if not any(key in t for t in truths):
+            continue
+        hits = np.array([r.attributes().get(key) == t.get(key) for r, t in zip(readings, truths)], dtype=float)
+        named = np.array([key in t for t in truths], dtype=float)
+        figure = bootstrap(hits.reshape(shape) * named.reshape(shape), named.reshape(shape), seed=seed)
+        result[key] = figure.value
+        result["intervals"][key] = [figure.low, figure.high]
+    per_class = {}
+    for cls in sorted({t["class"] for t in truths}):
+        picked = [(r, t) for r, t in zip(readings, truths) if t["class"] == cls]
+        per_class[cls] = float(np.mean([r.cls == t["class"] for r, t in picked]))
+    result["per_class"] = per_class
+    return result
+
+
+def measure_quality(model_dir: str | Path | None = None, *, images_per_prompt: int = DEFAULT_IMAGES_PER_PROMPT,
+                    steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int = 0,
+                    max_prompts: int | None = None, include_seen: bool = True, progress: bool = True,
+                    pipe=None) -> dict:
+    """Sample the held-out prompts (plain and patterned; with `include_seen`, seen ones) and score them with the oracle.
+
+    Returns {"held_out": {attribute: share, "intervals": {...}, "samples": n, "per_class": {...}},
+    "held_out_pattern": {...}, "seen": {...}, "steps": ..., "guidance": ..., "images_per_prompt": ...}.
+    `max_prompts` caps each prompt set (for quick checks).
     """
     pipe = pipe or load_base_pipeline(model_dir)
-    sets = {"held_out": held_out_prompts()}
+    sets = {"held_out": held_out_prompts(seed=seed), "held_out_pattern": held_out_pattern_prompts(seed=seed)}
     if include_seen:
         sets["seen"] = seen_prompts()
     result: dict = {"steps": steps, "guidance": guidance, "images_per_prompt": images_per_prompt, "seed": seed}
@@ -98,24 +172,29 @@ def measure_quality(model_dir: str | Path | None = None, *, images_per_prompt: i
         truths = [t for _, t in prompts for _ in range(images_per_prompt)]
         images = generate(pipe, texts, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
                           guidance=guidance, progress=progress)
-        readings = oracle.read_all(images)
-        scores = oracle.attribute_accuracy(readings, truths)
-        per_class = {}
-        for cls in sorted({t["class"] for t in truths}):
-            picked = [(r, t) for r, t in zip(readings, truths) if t["class"] == cls]
-            per_class[cls] = float(np.mean([r.cls == t["class"] for r, t in picked]))
-        result[name] = {**scores, "samples": len(images), "per_class": per_class}
+        result[name] = score_prompts(oracle.read_all(images), truths, images_per_prompt, seed=seed)
     return result
 
 
+_SET_NAMES = {"held_out": "held-out plain", "held_out_pattern": "held-out pattern", "seen": "seen"}
+
+
 def format_quality(result: dict) -> str:
-    """A short plain-text table of a `measure_quality` result."""
+    """A plain-text table of a `measure_quality` result: one row per prompt set, each figure with its interval."""
     lines = [f"sampling: {result['steps']} steps, guidance {result['guidance']}, "
-             f"{result['images_per_prompt']} images per prompt"]
-    lines.append(f"{'prompts':<10} {'samples':>7} {'class':>6} {'colour':>7} {'backgr.':>7}")
-    for name in ("held_out", "seen"):
-        if name in result:
-            r = result[name]
-            lines.append(f"{name:<10} {r['samples']:>7} {r['class']:>6.1%} {r['colour']:>7.1%} {r['background']:>7.1%}")
-            lines.append("  per class: " + ", ".join(f"{k} {v:.0%}" for k, v in r["per_class"].items()))
+             f"{result['images_per_prompt']} images per prompt; 95% bootstrap intervals in brackets"]
+    lines.append(f"{'prompts':<17} {'samples':>7}  " + "  ".join(f"{k:<16}" for k in QUALITY_ATTRIBUTES))
+    for name in ("held_out", "held_out_pattern", "seen"):
+        if name not in result:
+            continue
+        r = result[name]
+        cells = []
+        for key in QUALITY_ATTRIBUTES:
+            if key in r:
+                low, high = r["intervals"][key]
+                cells.append(f"{r[key]:.2f} [{low:.2f},{high:.2f}]")
+            else:
+                cells.append("-")
+        lines.append(f"{_SET_NAMES[name]:<17} {r['samples']:>7}  " + "  ".join(f"{c:<16}" for c in cells))
+        lines.append("  class by class: " + ", ".join(f"{k} {v:.0%}" for k, v in r["per_class"].items()))
     return "\n".join(lines)

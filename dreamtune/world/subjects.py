@@ -1,13 +1,19 @@
 """Subjects the base model never saw, and DreamBench-style prompts for them.
 
 A subject is a distinct instance of a known class: a star with blue and white stripes, a triangle
-with a yellow band. The base model was trained on plain objects only, so words alone cannot produce
-it. Each subject has 5 reference images that vary in position, size and background, the way
-DreamBench's photos of one subject do.
+with a yellow band, each pattern in one of its geometries (`variant`). Its class, pattern and colour
+pair form a combination that pretraining never drew (`render.is_reserved`), and captions never name
+a geometry, so words alone cannot pin it down. Each subject has 5 reference images that vary in
+position, size and background, the way DreamBench's photos of one subject do.
+
+Beside the shipped subjects (on which method settings are chosen), `generate_subjects(n, seed)`
+draws new ones from the reserved combinations, named "gen-<seed>-<k>"; `get_subject` accepts those
+names wherever a subject is named.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +22,7 @@ import numpy as np
 from ..errors import DreamtuneError
 from ..io import save_image
 from . import render
-from .render import COLOURS, Scene, describe
+from .render import CLASSES, COLOURS, NUM_VARIANTS, PATTERNS, Scene, describe
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,8 @@ class Subject:
     colour2: str
     description: str
     num_references: int = 5
+    # The pattern's geometry (0 .. NUM_VARIANTS - 1): part of the identity, never named in a prompt.
+    variant: int = 0
 
     @property
     def class_noun(self) -> str:
@@ -42,7 +50,13 @@ class Subject:
 
     def scene(self, background: str, size: str = "large", position: str = "center", **jitter: float) -> Scene:
         """The subject drawn on a background, at a size and position."""
-        return Scene(self.cls, self.colour, background, size, position, self.pattern, self.colour2, **jitter)
+        return Scene(self.cls, self.colour, background, size, position, self.pattern, self.colour2, self.variant,
+                     **jitter)
+
+    def identity(self) -> dict:
+        """What makes this subject itself, with the keys the oracle reads: class, colours, pattern, variant."""
+        return {"class": self.cls, "colour": self.colour, "colour2": self.colour2, "pattern": self.pattern,
+                "variant": self.variant}
 
     def reference_scenes(self) -> list[Scene]:
         """The subject's reference images: varied positions, sizes and backgrounds, seeded by name."""
@@ -80,12 +94,60 @@ SUBJECTS: dict[str, Subject] = {
 }
 
 
+_GENERATED = re.compile(r"gen-(\d+)-(\d+)")
+# The most generated subjects one name may reach into (gen-S-K with K below this).
+MAX_GENERATED = 1000
+
+
+# A subject's second colour covers at least this share of it (and its first colour too): its identity
+# must be plain to see, not a star's tips or a spot inside a ring's hole.
+SUBJECT_MIN_SHARE = 0.15
+
+
+def _clearly_two_coloured(cls: str, pattern: str, variant: int) -> bool:
+    from .perturb import pattern_visible
+
+    return pattern_visible(Scene(cls, "red", "black", "large", "center", pattern, "white", variant), SUBJECT_MIN_SHARE)
+
+
+def generate_subjects(n: int, seed: int = 0) -> list[Subject]:
+    """`n` new subjects drawn, seeded, from the combinations pretraining never drew, each with a random variant.
+
+    The k-th subject of a seed is the same whatever `n` is, and is named "gen-<seed>-<k>". Shipped
+    subjects' combinations and patterns that a class would hide are skipped.
+    """
+    if n < 0 or n > MAX_GENERATED:
+        raise DreamtuneError(f"the number of generated subjects must be 0 to {MAX_GENERATED}, got {n}")
+    shipped = {(s.cls, s.pattern, s.colour, s.colour2) for s in SUBJECTS.values()}
+    rng = np.random.default_rng([seed, 12])
+    subjects: list[Subject] = []
+    seen: set = set()
+    while len(subjects) < n:
+        cls = CLASSES[rng.integers(len(CLASSES))]
+        pattern = PATTERNS[1 + rng.integers(len(PATTERNS) - 1)]
+        colour, colour2 = (str(c) for c in rng.choice(COLOURS, size=2, replace=False))
+        variant = int(rng.integers(NUM_VARIANTS))
+        combination = (cls, pattern, colour, colour2)
+        if (not render.is_reserved(*combination) or combination in shipped or combination in seen
+                or not _clearly_two_coloured(cls, pattern, variant)):
+            continue
+        seen.add(combination)
+        description = describe(cls, colour=colour, pattern=pattern, colour2=colour2, prefix="")
+        subjects.append(Subject(f"gen-{seed}-{len(subjects)}", cls, pattern, colour, colour2, description,
+                                variant=variant))
+    return subjects
+
+
 def get_subject(name: str) -> Subject:
-    """The shipped subject of that name; a DreamtuneError lists the names when it is unknown."""
-    try:
+    """The shipped subject of that name, or a generated one ("gen-<seed>-<k>"); a DreamtuneError otherwise."""
+    if name in SUBJECTS:
         return SUBJECTS[name]
-    except KeyError:
-        raise DreamtuneError(f"unknown subject {name!r}; choose one of: {', '.join(SUBJECTS)}") from None
+    match = _GENERATED.fullmatch(name)
+    if match and int(match.group(2)) < MAX_GENERATED:
+        seed, index = int(match.group(1)), int(match.group(2))
+        return generate_subjects(index + 1, seed)[index]
+    raise DreamtuneError(f"unknown subject {name!r}; choose one of: {', '.join(SUBJECTS)}, "
+                         f"or a generated one as gen-<seed>-<k> (see `dreamtune world subjects --generate`)")
 
 
 def write_subject_images(subject: str | Subject, out_dir: str | Path, resolution: int = render.RESOLUTION,
@@ -164,5 +226,5 @@ def class_prompt(subject: str | Subject) -> str:
     return describe(subject.class_noun)
 
 
-__all__ = ["SUBJECTS", "Subject", "SubjectPrompt", "class_prompt", "get_subject", "subject_prompts",
-           "write_subject_images"]
+__all__ = ["SUBJECTS", "Subject", "SubjectPrompt", "class_prompt", "generate_subjects", "get_subject",
+           "subject_prompts", "write_subject_images"]
