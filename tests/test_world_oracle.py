@@ -64,3 +64,9 @@ def test_oracle_check_command_prints_both_tables(capsys, tmp_path):
     assert figures["scenes"] + figures["left_out"] == 12
     assert all(0.0 <= v <= 1.0 for v in figures["perturbed"].values())
     assert main(["world", "oracle-check", "--count", "0"]) != 0
+
+
+def test_oracle_check_reads_through_the_shipped_vae():
+    result = perturb.oracle_accuracy(count=10, seed=1, vae_model=True)
+    assert set(result["vae"]) == set(result["clean"]) and all(0.0 <= v <= 1.0 for v in result["vae"].values())
+    assert "vae" in perturb.format_oracle_accuracy(result)

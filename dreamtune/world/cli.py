@@ -1,4 +1,4 @@
-"""The shapes world's commands: `dreamtune demo` and `dreamtune world {pretrain,subjects,quality,oracle-check}`.
+"""The shapes world's commands: `dreamtune demo` and `dreamtune world {pretrain,export,subjects,quality,compare,oracle-check}`.
 
 The main CLI calls `register(subparsers)`; every parser sets `func=handler`, `handler(args) -> int`.
 Heavy imports happen inside the handlers so that `dreamtune --help` stays quick.
@@ -21,7 +21,9 @@ def register(subparsers) -> None:
         "and Custom Diffusion beside it), samples the subject's prompts, and prints oracle metrics for the base "
         "model and each personalized one; writes a PNG grid and an HTML report. About 3 minutes on 2 CPU cores.",
     )
-    demo.add_argument("--subject", default="striped_star", help="Shipped subject to learn (see `dreamtune world subjects --list`).")
+    demo.add_argument("--subject", default="striped_star",
+                      help="Subject to learn: a shipped one (`dreamtune world subjects --list`) or a generated one, "
+                      "gen-<seed>-<k> (`dreamtune world subjects --generate N --seed S`).")
     demo.add_argument("--method", default="all",
                       help="'dreambooth', 'custom_diffusion', or 'all' (every available method side by side).")
     demo.add_argument("--steps", type=int, default=None, help="Training steps per method (default: each method's demo setting, DreamBooth 400). "
@@ -117,6 +119,8 @@ def register(subparsers) -> None:
     check.add_argument("--count", type=int, default=600, help="Number of scenes.")
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--strength", type=float, default=1.0, help="Scale of every perturbation (1: the validated level).")
+    check.add_argument("--vae", nargs="?", const=True, default=None, metavar="MODEL",
+                       help="Also read the clean renders after a VAE round trip (the shipped model's, or MODEL's).")
     check.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     check.set_defaults(func=_oracle_check)
 
@@ -225,7 +229,7 @@ def _oracle_check(args: argparse.Namespace) -> int:
     _positive(args.count, "--count")
     if args.strength < 0:
         raise DreamtuneError(f"--strength must be 0 or more, got {args.strength}")
-    result = oracle_accuracy(args.count, args.seed, args.strength)
+    result = oracle_accuracy(args.count, args.seed, args.strength, vae_model=args.vae)
     print(format_oracle_accuracy(result))
     if args.json:
         write_json(args.json, result)

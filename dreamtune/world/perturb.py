@@ -183,12 +183,30 @@ def pattern_visible(scene: Scene, min_share: float = MIN_VISIBLE_SHARE) -> bool:
 ORACLE_ATTRIBUTES = ("class", "colour", "background", "size", "position", "pattern", "colour2", "variant")
 
 
-def oracle_accuracy(count: int = 600, seed: int = 0, strength: float = 1.0) -> dict:
+def through_vae(images: list[np.ndarray], model_dir=None, batch_size: int = 64) -> list[np.ndarray]:
+    """Images encoded and decoded by a shapes-world model's VAE (default: the shipped model's)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from . import MODEL_DIR
+
+    vae = AutoencoderKL.from_pretrained(str(model_dir or MODEL_DIR), subfolder="vae", torch_dtype=torch.float32)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.stack(images[start:start + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            decoded = vae.decode(vae.encode(batch).latent_dist.mean).sample
+            out += list(((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return out
+
+
+def oracle_accuracy(count: int = 600, seed: int = 0, strength: float = 1.0, vae_model=None) -> dict:
     """The oracle's per-attribute accuracy on `count` seeded scenes, drawn clean and perturbed.
 
     Scenes whose pattern cannot be seen (`pattern_visible`) are left out and counted. Returns
     {"clean": {attribute: share}, "perturbed": {...}, "scenes": n, "left_out": k, "seed", "strength"};
-    "colour2" and "variant" are counted over patterned scenes only.
+    "colour2" and "variant" are counted over patterned scenes only. With `vae_model` (a pipeline
+    folder, or True for the shipped model) a "vae" row reads the clean renders after that VAE's round trip.
     """
     from . import oracle
 
@@ -196,7 +214,11 @@ def oracle_accuracy(count: int = 600, seed: int = 0, strength: float = 1.0) -> d
     kept = [(s, im) for s, im in zip(scenes, images) if pattern_visible(s)]
     truths = [s.attributes() for s, _ in kept]
     result: dict = {"scenes": len(kept), "left_out": len(scenes) - len(kept), "seed": seed, "strength": strength}
-    for name, drawn in (("clean", [render.render(s) for s, _ in kept]), ("perturbed", [im for _, im in kept])):
+    clean = [render.render(s) for s, _ in kept]
+    sets = [("clean", clean), ("perturbed", [im for _, im in kept])]
+    if vae_model:
+        sets.append(("vae", through_vae(clean, None if vae_model is True else vae_model)))
+    for name, drawn in sets:
         accuracy = oracle.attribute_accuracy(oracle.read_all(drawn), truths)
         result[name] = {k: accuracy[k] for k in ORACLE_ATTRIBUTES if k in accuracy}
     result["patterned"] = sum(s.pattern != "plain" for s, _ in kept)
@@ -209,7 +231,9 @@ def format_oracle_accuracy(result: dict) -> str:
              f"{result['seed']}, perturbation strength {result['strength']}; {result['left_out']} left out: "
              "pattern not visible)",
              f"{'set':<10} " + " ".join(f"{k:>9}" for k in ORACLE_ATTRIBUTES)]
-    for name in ("clean", "perturbed"):
+    for name in ("clean", "perturbed", "vae"):
+        if name not in result:
+            continue
         row = result[name]
         lines.append(f"{name:<10} " + " ".join(f"{row[k]:>9.1%}" if k in row else f"{'-':>9}" for k in ORACLE_ATTRIBUTES))
     return "\n".join(lines)
