@@ -66,7 +66,7 @@ class Face:
     def _rare_tokens(base: str) -> list[str]:
         try:
             from ..cli import _load_tokenizer
-            from ..concepts import rare_tokens
+            from ..tokens import rare_tokens
 
             tokenizer = _load_tokenizer(base)
             if tokenizer is None:
@@ -95,8 +95,8 @@ class Face:
               class_noun: str, steps: float, learning_rate: float, prior: bool, resolution: float,
               *advanced: Any) -> tuple[str, str, str]:
         """Start training: returns (message, command, run name)."""
-        from ..concepts import load_concept
         from ..config import load_config
+        from ..data.concepts import load_concept
 
         name = R.check_run_name(name)
         run = self.root / name
