@@ -28,7 +28,8 @@ from .subjects import Subject, get_subject, write_subject_images
 SINGLE_MODELS: dict[str, tuple[str, dict]] = {
     "dreambooth": ("dreambooth", {}),
     "dreambooth, no prior": ("dreambooth", {"with_prior_preservation": False}),
-    "custom_diffusion": ("custom_diffusion", {}),
+    # The paper's 200 real regularisation images.
+    "custom_diffusion": ("custom_diffusion", {"num_class_images": 200}),
     "textual_inversion": ("textual_inversion", {}),
     "lora": ("lora", {}),
 }
@@ -182,7 +183,7 @@ def _two_concepts(pair: list[Subject], out: Path, base_model: Path, *, seed: int
     rows = []
     names = "+".join(s.name for s in pair)
     joint_dir = out / "runs" / names / "custom_diffusion-joint"
-    config = _config(pair, "custom_diffusion", {}, out, joint_dir, steps=steps, seed=seed, base_model=base_model)
+    config = _config(pair, *SINGLE_MODELS["custom_diffusion"], out, joint_dir, steps=steps, seed=seed, base_model=base_model)
     # Joint training sees both concepts' images: as many steps as the two single runs together.
     config.max_train_steps *= 2
     say(f"{names}: training custom_diffusion joint")
