@@ -145,7 +145,7 @@ def score_prompt_groups(groups: list[tuple[str, str, list]], real_images: list, 
             "dino": M.mean_pairwise_cosine(d, real_dino),
             "clip_i": M.mean_pairwise_cosine(c, real_clip),
             "clip_t": float(cos.mean()),
-            "clipscore": float((M.CLIPSCORE_WEIGHT * np.maximum(cos, 0)).mean()),
+            "clipscore": M.clipscore_of(cos),
             "div": M.mean_pairwise_distance(d) if len(images) > 1 else None,
         })
     return rows
