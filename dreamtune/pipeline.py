@@ -84,7 +84,8 @@ def load_pipeline(base: str | None, *artifacts: str | os.PathLike, torch_dtype: 
     for artifact, info in given:
         if info.is_full_pipeline:
             raise ModelLoadError(f"{info.path}: a full-model artifact can only come first (it replaces the base model).")
-        get_method(info.method).apply_artifact(pipe, artifact)
+        # The artifact folder, or the file itself when the artifact is one file (a kohya LoRA, an embedding).
+        get_method(info.method).apply_artifact(pipe, artifact if Path(artifact).expanduser().is_file() else info.path)
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -96,7 +96,11 @@ def test_custom_diffusion_script_output_loads_and_merges(tiny_model_dir, tmp_pat
     assert {"<new1>", "<new2>"} <= set(merged.tokenizer.get_vocab())
 
 
-def test_textual_inversion_learned_embeds_loads(tiny_model_dir, tmp_path):
+def test_textual_inversion_learned_embeds_loads_and_evaluates(tiny_model_dir, subject_dir, tmp_path, capsys):
+    import json
+
+    from dreamtune.evaluate.tiny_models import save_tiny_clip, save_tiny_dino
+
     folder = tmp_path / "ti-out"
     folder.mkdir()
     vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
@@ -109,6 +113,18 @@ def test_textual_inversion_learned_embeds_loads(tiny_model_dir, tmp_path):
     pipe = load_pipeline(str(tiny_model_dir), folder / "learned_embeds.safetensors")
     ids = pipe.tokenizer.convert_tokens_to_ids(["<cat-toy>", "<cat-toy>_1"])
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], vectors)
+
+    # Evaluated without a run folder: the subject comes from the flags.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {identifier} {class_noun} on a table\n")
+    models = ["--dino-model", str(save_tiny_dino(tmp_path / "dino")), "--clip-model", str(save_tiny_clip(tmp_path / "clip")),
+              "--device", "cpu"]
+    code = main(["eval", str(folder), "--base", str(tiny_model_dir), "--class-noun", "dog", "--real-images", str(subject_dir),
+                 "--resolution", "32", "--prompts", str(prompts), "--images-per-prompt", "1", "--steps", "2", "--quiet",
+                 "--out", str(tmp_path / "eval"), *models])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["method"] == "textual_inversion" and saved["prompts"][0]["prompt"] == "a <cat-toy> dog on a table"
 
 
 def test_diffusers_and_kohya_lora_files_sample_alike(tiny_model_dir, tmp_path, capsys):
