@@ -75,6 +75,11 @@ def read_artifact(path: str | Path) -> ArtifactInfo:
     )
 
 
+def find_artifact(path: str | Path) -> Path:
+    """Resolve a run folder or artifact (folder or file) to the artifact's folder."""
+    return read_artifact(path).path
+
+
 def _read_metadata(folder: Path) -> ArtifactInfo:
     try:
         meta = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
