@@ -195,6 +195,7 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
     from .io import atomic_dir, save_safetensors, write_text
     from .methods.custom_diffusion import (
         WEIGHT_NAME,
+        CustomDiffusion,
         cross_attention_layers,
         diffusers_state_dict,
         save_token_files,
@@ -207,7 +208,7 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
         raise MergeError("merge: give at least one artifact (two or more to combine concepts).")
     infos = [read_artifact(a) for a in artifacts]
     for info in infos:
-        if info.method != "custom_diffusion":
+        if info.method != CustomDiffusion.name:
             raise MergeError(f"{info.path}: a '{info.method}' artifact; only Custom Diffusion artifacts can be merged.")
     if base is None:
         bases = {info.base_model for info in infos}
@@ -271,7 +272,7 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
         embeddings[token] = embedding[pipe.tokenizer.convert_tokens_to_ids(token)].detach().float().cpu().clone()
     result = MergeResult(out_dir, tokens, max(r["constraint_rows"] for r in layers.values()),
                          max(r["relative_constraint_error"] for r in layers.values()), layers)
-    meta = metadata("custom_diffusion", base, tokens,
+    meta = metadata(CustomDiffusion.name, base, tokens,
                     concepts=[{"identifier": t, "class_noun": n} for _, t, n in concepts],
                     train_params="crossattn_kv", weight_file=WEIGHT_NAME,
                     token_files={t: f"{t}.safetensors" for t in tokens},

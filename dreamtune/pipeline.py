@@ -68,20 +68,24 @@ def load_pipeline(base: str | None, *artifacts: str | os.PathLike, torch_dtype: 
     from .artifacts import read_artifact
     from .methods import get_method
 
-    infos = [read_artifact(a) for a in artifacts]
-    if infos and infos[0].is_full_pipeline:
-        pipe = load_base(str(infos[0].path), torch_dtype=torch_dtype)
-        infos = infos[1:]
+    given = list(zip(artifacts, (read_artifact(a) for a in artifacts)))
+    if given and given[0][1].is_full_pipeline:
+        pipe = load_base(str(given[0][1].path), torch_dtype=torch_dtype)
+        given = given[1:]
     else:
         if base is None:
-            if not infos:
+            if not given:
                 raise ModelLoadError("load_pipeline needs a base model or an artifact.")
-            base = infos[0].base_model
+            base = given[0][1].base_model
+            if not base:
+                raise ModelLoadError(f"{given[0][0]}: the artifact does not say which base model it was trained on; "
+                                     "pass it with --base.")
         pipe = load_base(base, torch_dtype=torch_dtype)
-    for info in infos:
+    for artifact, info in given:
         if info.is_full_pipeline:
             raise ModelLoadError(f"{info.path}: a full-model artifact can only come first (it replaces the base model).")
-        get_method(info.method).apply_artifact(pipe, info.path)
+        # The artifact folder, or the file itself when the artifact is one file (a kohya LoRA, an embedding).
+        get_method(info.method).apply_artifact(pipe, artifact if Path(artifact).expanduser().is_file() else info.path)
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -168,7 +168,7 @@ def _subject_prompts(source: str, live: bool, dataset_file, base: Path, where: s
 
 def load_spec(spec: str | Path | dict, base_dir: str | Path | None = None) -> BenchSpec:
     """Read and check a bench spec (a TOML file or its parsed dict)."""
-    from ..config import ConceptConfig, is_option
+    from ..config import ConceptConfig, TrainConfig, is_option
     from ..data.images import list_images
 
     if isinstance(spec, dict):
@@ -254,7 +254,7 @@ def load_spec(spec: str | Path | dict, base_dir: str | Path | None = None) -> Be
         s.prompts = _spread(s.prompts, int(num_prompts) if num_prompts else None)
 
     # Methods: [methods.<label>] tables (or a plain list of method names); their options are checked now.
-    methods = data.get("methods") or {"dreambooth": {}}
+    methods = data.get("methods") or {TrainConfig.method: {}}
     if isinstance(methods, list):
         methods = {str(m): {} for m in methods}
     concept_fields = {f.name for f in dataclasses.fields(ConceptConfig)} - {"instance_data_dir", "class_noun"}

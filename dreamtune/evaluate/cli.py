@@ -30,15 +30,22 @@ def _print_summary(result: dict) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """`dreamtune eval RUN`: render, score and report a run."""
-    from .runner import evaluate_run
+    from pathlib import Path
+
+    from .runner import artifact_config, evaluate_run
 
     live = {"live": True, "object": False}.get(args.subject_kind)
+    config = None
+    if not (Path(args.run).expanduser() / "config.toml").is_file() and args.real_images:
+        # An artifact alone (also one trained elsewhere): the subject comes from the flags.
+        config = artifact_config(args.run, real_images=args.real_images, base=args.base, class_noun=args.class_noun,
+                                 identifier=args.identifier, resolution=args.resolution)
     result = evaluate_run(
         args.run, prompts=args.prompts, images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
         guidance=args.guidance, live=live, real_images=args.real_images, concept_index=args.concept, dino_model=args.dino_model,
         clip_model=args.clip_model, offline=args.offline, device=args.device, pres=not args.no_pres, kid=args.kid,
         kid_features=args.kid_features, kid_model=args.kid_model, batch_size=args.batch_size, output_dir=args.out,
-        embed_images=not args.link_images, progress=not args.quiet,
+        embed_images=not args.link_images, progress=not args.quiet, config=config,
     )
     _print_summary(result)
     out = args.out or f"{args.run}/eval"
@@ -80,7 +87,7 @@ def register(subparsers) -> None:
                               description="Render the evaluation prompts with a run's artifact, score them against the subject's "
                                           "images and write RUN/eval/metrics.json, report.md and report.html. Images already "
                                           "rendered with the same seed and settings are reused.")
-    p.add_argument("run", help="run folder (with config.toml and artifact/)")
+    p.add_argument("run", help="run folder (with config.toml and artifact/), or an artifact alone with --real-images")
     p.add_argument("--prompts", default="dreambench",
                    help="'dreambench' (built-in 25 DreamBench-style prompts), a file with one prompt per line "
                         "({identifier} and {class_noun} are filled in), or google/dreambooth's prompts_and_classes.txt")
@@ -92,6 +99,10 @@ def register(subparsers) -> None:
                    help="which built-in list: live subjects get accessorisation prompts (auto: dogs and cats are live)")
     p.add_argument("--concept", type=int, default=0, help="which of the run's concepts to evaluate (0: the first)")
     p.add_argument("--real-images", default=None, metavar="DIR", help="the subject's real images (default: the run's instance_data_dir)")
+    p.add_argument("--base", default=None, help="for an artifact without a run folder: its base model, when it does not record one")
+    p.add_argument("--class-noun", default="", help="for an artifact without a run folder: the subject's class (else its model card's)")
+    p.add_argument("--identifier", default="", help="for an artifact without a run folder: the subject's identifier (else its token)")
+    p.add_argument("--resolution", type=int, default=None, help="for an artifact without a run folder: image size (default 512)")
     p.add_argument("--no-pres", action="store_true", help="skip PRES (rendering the class prompt)")
     p.add_argument("--batch-size", type=int, default=8, help="images rendered per batch")
     p.add_argument("--out", default=None, metavar="DIR", help="report folder (default RUN/eval)")

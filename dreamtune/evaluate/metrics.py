@@ -496,8 +496,13 @@ def clip_t_score(images, prompts: str | Sequence[str], *, model: str | ImageEmbe
 def clipscore(images, prompts: str | Sequence[str], *, model: str | ImageEmbedder | None = None,
               offline: bool = False, device: str | None = None, batch_size: int = 32) -> float:
     """CLIPScore (Hessel et al.): mean of 2.5 * max(cos, 0) between each image and its prompt."""
-    cos = clip_t_cosines(images, prompts, model=model, offline=offline, device=device, batch_size=batch_size)
-    return float((CLIPSCORE_WEIGHT * np.maximum(cos, 0.0)).mean())
+    return clipscore_of(clip_t_cosines(images, prompts, model=model, offline=offline, device=device,
+                                       batch_size=batch_size))
+
+
+def clipscore_of(cosines: np.ndarray) -> float:
+    """CLIPScore from image-prompt cosine similarities: the mean of 2.5 * max(cos, 0)."""
+    return float((CLIPSCORE_WEIGHT * np.maximum(cosines, 0.0)).mean())
 
 
 def scoring_prompt(prompt: str, identifier: str, class_noun: str) -> str:

@@ -145,7 +145,7 @@ def score_prompt_groups(groups: list[tuple[str, str, list]], real_images: list, 
             "dino": M.mean_pairwise_cosine(d, real_dino),
             "clip_i": M.mean_pairwise_cosine(c, real_clip),
             "clip_t": float(cos.mean()),
-            "clipscore": float((M.CLIPSCORE_WEIGHT * np.maximum(cos, 0)).mean()),
+            "clipscore": M.clipscore_of(cos),
             "div": M.mean_pairwise_distance(d) if len(images) > 1 else None,
         })
     return rows
@@ -185,6 +185,7 @@ def evaluate_run(
     pipe=None,
     embed_images: bool = True,
     progress: bool = True,
+    config=None,
 ) -> dict:
     """Render a run's evaluation prompts with its artifact, score them and write RUN/eval/ reports.
 
@@ -194,6 +195,10 @@ def evaluate_run(
     guidance default to the run's validation settings. Images already rendered with the same
     settings are reused. PRES renders the run's class prompt too; KID is off by default (it needs
     many images). Returns the result dict also written to metrics.json.
+
+    `run_dir` may also be an artifact without a run folder (dreamtune's, or weights trained elsewhere
+    that `read_artifact` recognises); then `config` gives the base model, the concept and the
+    resolution (see `artifact_config`).
     """
     from ..artifacts import read_artifact
     from ..config import load_config
@@ -201,9 +206,12 @@ def evaluate_run(
 
     t_start = time.perf_counter()
     run_dir = Path(run_dir).expanduser()
-    if not (run_dir / "config.toml").is_file():
-        raise DreamtuneError(f"{run_dir}: not a dreamtune run folder (no config.toml). Pass the run's --output-dir.")
-    config = load_config(run_dir / "config.toml")
+    if config is None:
+        if not (run_dir / "config.toml").is_file():
+            raise DreamtuneError(f"{run_dir}: not a dreamtune run folder (no config.toml). Pass the run's --output-dir, "
+                                 "or for an artifact alone its base model, class noun and real images (--base, "
+                                 "--class-noun, --real-images).")
+        config = load_config(run_dir / "config.toml")
     info = read_artifact(run_dir)
     if not config.concepts or concept_index >= len(config.concepts):
         raise ConfigError(f"{run_dir / 'config.toml'}: no concept number {concept_index} to evaluate.")
@@ -235,7 +243,8 @@ def evaluate_run(
             from ..pipeline import load_pipeline
 
             t = time.perf_counter()
-            holder["pipe"] = load_pipeline(None, info.path, device=device)
+            base = None if info.is_full_pipeline else config.pretrained_model_name_or_path
+            holder["pipe"] = load_pipeline(base, run_dir, device=device)
             timing["load_pipeline_s"] = time.perf_counter() - t
         return holder["pipe"]
 
@@ -292,6 +301,30 @@ def evaluate_run(
     }
     write_reports(result, out_dir, embed_images=embed_images)
     return result
+
+
+def artifact_config(artifact: str | Path, *, real_images: str | Path, base: str | None = None, class_noun: str = "",
+                    identifier: str = "", resolution: int | None = None):
+    """A config for evaluating an artifact that has no run folder: its base model, one concept, a resolution.
+
+    The base model, identifier and class noun default to what the artifact records (its metadata, or
+    the model card beside weights trained elsewhere); the resolution to 512.
+    """
+    from ..artifacts import read_artifact
+    from ..config import load_config
+
+    info = read_artifact(artifact)
+    known = (info.extra.get("concepts") or [{}])[0]
+    identifier = identifier or known.get("identifier") or (info.tokens[0] if info.tokens else "")
+    class_noun = class_noun or known.get("class_noun", "")
+    if not class_noun:
+        raise ConfigError(f"{artifact}: the artifact does not name its subject's class; pass --class-noun.")
+    base = base or info.base_model
+    if not base:
+        raise ConfigError(f"{artifact}: the artifact does not say which base model it was trained on; pass --base.")
+    values = {"resolution": resolution} if resolution else {}
+    return load_config(None, pretrained_model_name_or_path=base, method=info.method, concepts=[
+        {"instance_data_dir": str(real_images), "identifier": identifier or "sks", "class_noun": class_noun}], **values)
 
 
 def score_folders(images_dir: str | Path, references_dir: str | Path, *, prompt: str | None = None,

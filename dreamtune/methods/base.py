@@ -126,8 +126,17 @@ class Method:
 
     @classmethod
     def apply_artifact(cls, pipe, folder: Path) -> None:
-        """Load an artifact folder into a pipeline in place, with diffusers' own loaders where possible."""
+        """Load an artifact (folder, or a file `detect` knows) into a pipeline in place, with diffusers' own loaders."""
         raise NotImplementedError
+
+    @classmethod
+    def detect(cls, path: Path):
+        """The ArtifactInfo of weights another tool wrote in this method's kind (no dreamtune.json), else None.
+
+        Recognised by content, so a user can sample, evaluate and merge what they trained elsewhere;
+        see `dreamtune.artifacts.foreign_artifact`.
+        """
+        return None
 
     @staticmethod
     def param_groups(main_params, text_params=()) -> list[dict]:

@@ -193,13 +193,26 @@ class CustomDiffusion(Method):
         save_token_files(self.token_embeddings(), folder)
 
     @classmethod
+    def detect(cls, path: Path):
+        """What diffusers' train_custom_diffusion.py writes: the weights file and one `<token>.bin` per modifier
+        token (safetensors content despite the name)."""
+        from ..artifacts import foreign_artifact
+
+        if not (path.is_dir() and (path / WEIGHT_NAME).is_file()):
+            return None
+        files = {f.stem: f.name for f in sorted(path.iterdir())
+                 if f.suffix in (".bin", ".safetensors") and is_new_token(f.stem)}
+        return foreign_artifact(path, cls.name, tokens=list(files), weight_file=WEIGHT_NAME, token_files=files,
+                                train_params="crossattn_kv")
+
+    @classmethod
     def apply_artifact(cls, pipe, folder: Path) -> None:
         """Load the tokens with `load_textual_inversion` and the weights with `load_attn_procs` (or LoRA)."""
         from ..artifacts import read_artifact
 
         info = read_artifact(folder)
         folder = info.path
-        full_weights = (folder / WEIGHT_NAME).is_file()
+        full_weights = info.extra.get("weight_file", WEIGHT_NAME) == WEIGHT_NAME and (folder / WEIGHT_NAME).is_file()
         if full_weights:
             from diffusers.models.attention_processor import (
                 CustomDiffusionAttnProcessor,
@@ -213,7 +226,13 @@ class CustomDiffusion(Method):
                     "other's weights. Combine them with `dreamtune merge` and load the merged artifact.")
         load_token_files(pipe, token_files(info))
         if full_weights:
-            pipe.unet.load_attn_procs(str(folder), weight_name=WEIGHT_NAME, _pipeline=pipe)
+            from safetensors.torch import load_file
+
+            # diffusers' own script stores the trained (cross-attention) processors only, and diffusers'
+            # load_attn_procs then refuses the file because the processor count does not match the
+            # attention layers; every other layer gets an empty entry, as dreamtune's own files hold.
+            state = diffusers_state_dict(pipe.unet, weights_from_diffusers(load_file(folder / WEIGHT_NAME)))
+            pipe.unet.load_attn_procs(state, _pipeline=pipe)
         elif (folder / LORA_WEIGHT_NAME).is_file():
             pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHT_NAME,
                                    adapter_name=f"custom_diffusion_{len(getattr(pipe.unet, 'peft_config', {}) or {})}")

@@ -38,5 +38,14 @@ class DreamBooth(Method):
                 module.to(dtype)
 
     @classmethod
+    def detect(cls, path: Path):
+        """A diffusers pipeline folder (what diffusers' train_dreambooth.py saves): it is its own base model."""
+        from ..artifacts import foreign_artifact
+
+        if path.is_dir() and (path / "model_index.json").is_file():
+            return foreign_artifact(path, cls.name, base_model=str(path))
+        return None
+
+    @classmethod
     def apply_artifact(cls, pipe, folder: Path) -> None:
         raise NotImplementedError("a DreamBooth artifact is a full pipeline: load it as the base model")

@@ -148,6 +148,18 @@ class LoRA(Method):
         save_safetensors(tensors, Path(folder) / LORA_WEIGHTS_FILE, metadata=header)
 
     @classmethod
+    def detect(cls, path: Path):
+        """LoRA weights as diffusers' LoRA scripts (`pytorch_lora_weights.safetensors`) or kohya's sd-scripts write them."""
+        from ..artifacts import foreign_artifact, safetensors_keys
+
+        file = path / LORA_WEIGHTS_FILE if path.is_dir() else path
+        keys = safetensors_keys(file) if file.is_file() else None
+        if not keys or not any("lora" in k.lower() for k in keys):
+            return None
+        kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in keys)
+        return foreign_artifact(file, cls.name, layout="kohya" if kohya else "diffusers")
+
+    @classmethod
     def apply_artifact(cls, pipe, folder: Path) -> None:
         """Load the adapters with diffusers' `load_lora_weights`, unfused.
 
@@ -155,11 +167,15 @@ class LoRA(Method):
         training rendered, several LoRA artifacts can be stacked (all stay active, weight 1) and
         `pipe.unload_lora_weights()` restores the base. Call `pipe.fuse_lora()` for a little speed.
         """
-        path = Path(folder) / LORA_WEIGHTS_FILE
-        if not path.is_file():
-            raise ModelLoadError(f"{folder}: no {LORA_WEIGHTS_FILE} in this LoRA artifact.")
+        from ..artifacts import read_artifact
+
+        info = read_artifact(folder)
+        weight_file = info.extra.get("weight_file") or LORA_WEIGHTS_FILE
+        if not (info.path / weight_file).is_file():
+            raise ModelLoadError(f"{info.path}: no {weight_file} in this LoRA artifact.")
         before = set(pipe.get_list_adapters().get("unet", [])) | set(pipe.get_list_adapters().get("text_encoder", []))
-        pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS_FILE)
+        # diffusers' loader also reads kohya/A1111 key names and converts them.
+        pipe.load_lora_weights(str(info.path), weight_name=weight_file)
         names = pipe.get_list_adapters()
         loaded = set(names.get("unet", [])) | set(names.get("text_encoder", []))
         if before:

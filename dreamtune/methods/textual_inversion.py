@@ -129,6 +129,17 @@ class TextualInversion(Method):
             save_safetensors({token: vectors}, Path(folder) / files[token], header)
 
     @classmethod
+    def detect(cls, path: Path):
+        """`learned_embeds.safetensors` as diffusers' textual_inversion.py writes it (or any one-token file)."""
+        from ..artifacts import foreign_artifact, safetensors_keys
+
+        file = path / EMBEDDINGS_FILE if path.is_dir() else path
+        keys = safetensors_keys(file) if file.is_file() else None
+        if not keys or len(keys) != 1 or not is_new_token(keys[0]):
+            return None
+        return foreign_artifact(file, cls.name, tokens=keys, token_files={keys[0]: file.name})
+
+    @classmethod
     def apply_artifact(cls, pipe, folder: Path) -> None:
         """Add the artifact's tokens to the pipeline with diffusers' `load_textual_inversion`."""
         from ..artifacts import read_artifact
