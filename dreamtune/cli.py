@@ -52,7 +52,12 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any option, e.g. --set learning_rate=1e-5 or --set concepts.0.identifier=zwx")
     p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint of output_dir, or a checkpoint folder")
-    p.add_argument("--overwrite", action="store_true", help="clear a non-empty output_dir of an earlier run and start over")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="resume (latest, unless --resume names a checkpoint) even though options that change the result "
+                        "differ from the run's config.toml; the new values apply from the resumed step")
+    p.add_argument("--overwrite", action="store_true",
+                   help="clear a non-empty output_dir of an earlier run and start over (with --resume: only when there "
+                        "is no checkpoint to resume from)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     import dataclasses
 
@@ -95,7 +100,13 @@ def cmd_train(args) -> int:
     from .training import train
 
     config = build_config(args)
-    result = train(config, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+    resume = args.resume or ("latest" if args.resume_with_changes else None)
+    result = train(config, overwrite=args.overwrite, resume=resume, progress=not args.no_progress,
+                   resume_with_changes=args.resume_with_changes)
+    if result.already_finished:
+        print(f"run '{result.output_dir}' is already finished (its artifact: {result.artifact_dir}); nothing was "
+              "changed. --overwrite trains it again.")
+        return 0
     print(f"artifact: {result.artifact_dir}")
     print(f"samples:  {result.output_dir / 'samples'}")
     print(f"sample it: dreamtune sample --weights {result.output_dir} --prompt \"{config.concepts[0].prompt}\"")
@@ -103,25 +114,23 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .grid import image_grid
-    from .io import require_empty, save_image
-    from .pipeline import load_pipeline, sample
+    from .pipeline import load_pipeline
+    from .render import sample_to_folder
 
     if not args.base and not args.weights:
         raise DreamtuneError("sample: give --base (a model) and/or --weights (a run or artifact).")
     import torch
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
-    pipe = load_pipeline(args.base, *args.weights, torch_dtype=dtype, device=args.device)
-    out = require_empty(args.out, overwrite=args.overwrite)
-    images = sample(pipe, args.prompt, num_images=args.n, seed=args.seed, steps=args.steps,
-                    guidance=args.guidance, negative_prompt=args.negative_prompt, height=args.height,
-                    width=args.width, progress=True)
-    for i, image in enumerate(images):
-        p, j = divmod(i, args.n)
-        save_image(image, out / f"prompt{p:02d}-{j:02d}.png")
-    save_image(image_grid(images, args.prompt, args.n), out / "grid.png")
-    print(f"{len(images)} images written to {out}")
+    request = {"prompts": args.prompt, "n": args.n, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+               "negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
+               "base": args.base, "weights": [str(Path(w).expanduser().resolve()) for w in args.weights],
+               "dtype": args.dtype}
+    paths, rendered = sample_to_folder(
+        request, args.out, lambda: load_pipeline(args.base, *args.weights, torch_dtype=dtype, device=args.device),
+        overwrite=args.overwrite)
+    out = Path(args.out).expanduser()
+    print(f"{len(paths)} images in {out} ({rendered} rendered now)" if rendered < len(paths) else f"{len(paths)} images written to {out}")
     return 0
 
 
@@ -233,6 +242,15 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             raise
         print(f"dreamtune: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A full disk or a refused write outside dreamtune's own writes: one line, the path and the fix.
+        from .io import environment_fault
+
+        fault = environment_fault(e)
+        if fault is None or verbose:
+            raise
+        print(f"dreamtune: error: {fault}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dreamtune: interrupted; a run continues with `dreamtune train ... --resume latest`.", file=sys.stderr)

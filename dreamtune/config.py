@@ -112,7 +112,7 @@ class TrainConfig:
     checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N steps (0: never).", min=0, section="run", flag=True)
     checkpoints_total_limit: int = opt(0, "Keep at most this many checkpoints (0: all).", min=0, section="run")
     validation_prompts: list = opt([], "Prompts rendered into a PNG grid during training; {identifier} and {class_noun} are filled from the first concept.", section="validation")
-    validation_steps: int = opt(100, "Render the validation prompts every N steps (0: only at the end).", min=0, section="validation", flag=True)
+    validation_steps: int = opt(100, "Render the validation prompts every N steps and at the end (0: never).", min=0, section="validation", flag=True)
     num_validation_images: int = opt(2, "Images per validation prompt.", min=1, section="validation")
     validation_inference_steps: int = opt(25, "Sampling steps for validation.", min=1, section="validation")
     validation_guidance_scale: float = opt(7.5, "Guidance scale for validation.", min=0.0, section="validation")
@@ -323,7 +323,12 @@ def apply_override(config_dict: dict, assignment: str) -> None:
             raise ConfigError(f"--set {assignment!r}: concept options are set as concepts.<index>.<option>=value.")
         concepts = config_dict.setdefault("concepts", [])
         index = int(parts[1])
-        while len(concepts) <= index:
+        if index > len(concepts):
+            raise ConfigError(
+                f"--set {assignment!r}: there is no concepts.{index}; the config has {len(concepts)} concept(s), so the "
+                f"next one to add is concepts.{len(concepts)}."
+            )
+        if index == len(concepts):
             concepts.append({})
         concepts[index][parts[2]] = value
     else:

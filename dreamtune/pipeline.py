@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -70,7 +71,14 @@ def load_pipeline(base: str | None, *artifacts: str | os.PathLike, torch_dtype: 
 
     given = list(zip(artifacts, (read_artifact(a) for a in artifacts)))
     if given and given[0][1].is_full_pipeline:
-        pipe = load_base(str(given[0][1].path), torch_dtype=torch_dtype)
+        first = given[0][1]
+        if base is not None and not _same_model(base, first.path) and not (first.base_model and _same_model(base, first.base_model)):
+            raise ModelLoadError(
+                f"{first.path}: a {first.method} artifact is a whole model that replaces the base, so --base "
+                f"'{base}' would be ignored. Drop --base to sample the trained model, or train on '{base}'."
+            )
+        pipe = load_base(str(first.path), torch_dtype=torch_dtype)
+        base = str(first.path)
         given = given[1:]
     else:
         if base is None:
@@ -85,11 +93,51 @@ def load_pipeline(base: str | None, *artifacts: str | os.PathLike, torch_dtype: 
         if info.is_full_pipeline:
             raise ModelLoadError(f"{info.path}: a full-model artifact can only come first (it replaces the base model).")
         # The artifact folder, or the file itself when the artifact is one file (a kohya LoRA, an embedding).
-        get_method(info.method).apply_artifact(pipe, artifact if Path(artifact).expanduser().is_file() else info.path)
+        try:
+            with _library_failure_muted():
+                get_method(info.method).apply_artifact(pipe, artifact if Path(artifact).expanduser().is_file() else info.path)
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:
+            first_line = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            why = "its tensor shapes differ from the model's" if "size mismatch" in str(e) else first_line[:200]
+            trained_on = f"'{info.base_model}'" if info.base_model else "another model"
+            fix = f"Use --base '{info.base_model}' or" if info.base_model else "Use"
+            raise ModelLoadError(
+                f"{info.path}: this {info.method} artifact was trained on {trained_on} and does not fit the base "
+                f"model '{base}' ({why}). {fix} an artifact trained on '{base}'."
+            ) from None
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextlib.contextmanager
+def _library_failure_muted():
+    """While an artifact is applied, hold back diffusers' error log and the warnings it raises: when the
+    artifact does not fit, the user gets one line instead of a page of tensor shapes; when it fits, the
+    warnings are given back."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Two model references name the same model (paths compared by where they point)."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return str(a) == str(b)
 
 
 @torch.no_grad()
@@ -106,20 +154,27 @@ def sample(pipe, prompts: str | list[str], num_images: int = 4, seed: int = 0, s
     if isinstance(prompts, str):
         prompts = [prompts]
     jobs = [(p, i) for p in prompts for i in range(num_images)]
-    device = getattr(pipe, "_execution_device", None) or pipe.device
-    gen_device = "cpu" if torch.device(device).type == "mps" else device
     images = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="sampling", disable=not progress, leave=False):
-        chunk = jobs[start : start + batch_size]
-        generators = [torch.Generator(gen_device).manual_seed(seed + i) for _, i in chunk]
-        out = pipe(
-            [p for p, _ in chunk],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generators,
-            negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-            height=height,
-            width=width,
-        )
-        images.extend(out.images)
+        images.extend(render_jobs(pipe, jobs[start : start + batch_size], seed=seed, steps=steps, guidance=guidance,
+                                  negative_prompt=negative_prompt, height=height, width=width))
     return images
+
+
+@torch.no_grad()
+def render_jobs(pipe, jobs: list[tuple[str, int]], *, seed: int, steps: int, guidance: float,
+                negative_prompt: str | None = None, height: int | None = None, width: int | None = None) -> list:
+    """Render one batch of (prompt, image index) jobs; image i uses seed `seed + i`."""
+    device = getattr(pipe, "_execution_device", None) or pipe.device
+    gen_device = "cpu" if torch.device(device).type == "mps" else device
+    generators = [torch.Generator(gen_device).manual_seed(seed + i) for _, i in jobs]
+    out = pipe(
+        [p for p, _ in jobs],
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=generators,
+        negative_prompt=[negative_prompt] * len(jobs) if negative_prompt else None,
+        height=height,
+        width=width,
+    )
+    return out.images

@@ -12,7 +12,8 @@ a run on several processes and an uninterrupted one train on the same noise and 
 from __future__ import annotations
 
 import logging
-import shutil
+import os
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,21 +23,38 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoints import (
+    apply_optimizer_settings,
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_settings,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from .config import TrainConfig, config_to_toml
 from .data.concepts import load_concept
 from .data.dataset import Example, TrainData, keyed_generator
 from .data.priors import default_class_dir, generate_class_images, has_captions, load_class_images
-from .errors import ConfigError, DreamtuneError, TrainingDiverged
+from .errors import ConfigError, TrainingDiverged
 from .io import write_text
 from .logs import MetricsLog
 from .methods import Components, Method, get_method
 from .pipeline import load_base
+from .preflight import check_loaded_model, check_train_config, checkpoint_bytes, warn_if_disk_is_short
+from .runfolder import (
+    RunPlan,
+    check_resume_config,
+    clear_run,
+    config_toml_with_history,
+    plan_run,
+    remove_run_leftovers,
+    run_lock,
+)
 from .tokens import check_identifier
 
 logger = logging.getLogger(__name__)
 
-RUN_ENTRIES = {"config.toml", "checkpoints", "samples", "logs", "artifact", "eval"}
+RUN_ENTRIES = frozenset({"config.toml", "checkpoints", "samples", "logs", "artifact", "eval"})
 
 
 @dataclass
@@ -49,27 +67,8 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
     #: The trained pipeline, still in memory.
     pipeline: object = field(default=None, repr=False)
-
-
-def prepare_output_dir(output_dir: Path, *, overwrite: bool, resume: str | None) -> None:
-    """Refuse to write into a non-empty folder unless resuming or told to overwrite it."""
-    if not output_dir.exists() or not any(output_dir.iterdir()):
-        return
-    if resume:
-        return
-    if not overwrite:
-        raise DreamtuneError(
-            f"output_dir '{output_dir}' is not empty: pass --resume latest to continue that run, --overwrite to "
-            "start it over, or choose another --output-dir."
-        )
-    strangers = [p.name for p in output_dir.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith(".")]
-    if strangers:
-        raise DreamtuneError(
-            f"output_dir '{output_dir}' holds files that are not from a dreamtune run ({', '.join(sorted(strangers)[:3])}); "
-            "--overwrite only clears run folders. Choose another --output-dir."
-        )
-    for entry in output_dir.iterdir():
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    #: True when `--resume latest` found the run already finished and changed nothing.
+    already_finished: bool = False
 
 
 def weight_dtype_of(mixed_precision: str) -> torch.dtype:
@@ -241,15 +240,31 @@ class Run:
 
 
 def train(config: TrainConfig, *, overwrite: bool = False, resume: str | None = None,
-          progress: bool = True) -> RunResult:
+          progress: bool = True, resume_with_changes: bool = False) -> RunResult:
     """Train one run as `config` says and write its run folder; returns where the artifact is.
 
     `resume` is "latest" or a checkpoint folder: training continues from there and ends with the
-    same weights as an uninterrupted run. Runs unchanged under `accelerate launch` and `torchrun`.
+    same weights as an uninterrupted run. A resume whose config changes the result is refused unless
+    `resume_with_changes`; `--resume latest` on a finished run changes nothing. One process at a time
+    may write a run folder (an OS lock). Runs unchanged under `accelerate launch` and `torchrun`.
     """
+    output_dir = Path(config.output_dir).expanduser()
+    check_train_config(config)
+    # Launchers (torchrun, accelerate launch) set RANK; accelerate's own state is not made yet here, and
+    # making it early would fix its settings before the Accelerator in setup chooses them.
+    with run_lock(output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+        run = setup(config, overwrite=overwrite, resume=resume, progress=progress,
+                    resume_with_changes=resume_with_changes)
+        if run is None:
+            return RunResult(output_dir, output_dir / "artifact", already_finished=True)
+        return finish(run, step_loop(run, progress=progress))
+
+
+def step_loop(run: Run, *, progress: bool) -> list[float]:
+    """The optimizer steps from the run's start to max_train_steps; returns each step's loss."""
     from tqdm.auto import tqdm
 
-    run = setup(config, overwrite=overwrite, resume=resume, progress=progress)
+    config = run.config
     accelerator, optimizer, lr_scheduler = run.accelerator, run.optimizer, run.lr_scheduler
     losses: list[float] = []
     bar = tqdm(range(run.start_step, config.max_train_steps), initial=run.start_step, total=config.max_train_steps,
@@ -280,7 +295,7 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: str | None = 
                 run_validation(run.components, run.validation_prompts, config, run.output_dir, global_step, accelerator)
             accelerator.wait_for_everyone()
     bar.close()
-    return finish(run, losses)
+    return losses
 
 
 def _every(interval: int, step: int, last: int) -> bool:
@@ -347,8 +362,9 @@ def finish(run: Run, losses: list[float]) -> RunResult:
     artifact_dir = run.output_dir / "artifact"
     accelerator.wait_for_everyone()
     if run.main:
-        run_validation(run.components, run.validation_prompts, config, run.output_dir, config.max_train_steps,
-                       accelerator)
+        if config.validation_steps:
+            run_validation(run.components, run.validation_prompts, config, run.output_dir, config.max_train_steps,
+                           accelerator)
         save_artifact(run.method, run.components, artifact_dir, config)
         run.log.plot(run.output_dir / "logs" / "loss.png")
     accelerator.wait_for_everyone()
@@ -357,24 +373,27 @@ def finish(run: Run, losses: list[float]) -> RunResult:
     return RunResult(run.output_dir, artifact_dir, losses, run.pipe)
 
 
-def setup(config: TrainConfig, *, overwrite: bool, resume: str | None, progress: bool) -> Run:
+def setup(config: TrainConfig, *, overwrite: bool, resume: str | None, progress: bool,
+          resume_with_changes: bool = False) -> Run | None:
     """Everything before the first step: accelerator, run folder, models, class images, method, data,
-    encoder caches, optimizer and schedule, and the state of a resumed checkpoint."""
+    encoder caches, optimizer and schedule, and the state of a resumed checkpoint.
+
+    None when `resume` finds the run already finished (nothing is written then)."""
     from diffusers.optimization import get_scheduler
 
-    if not config.concepts:
-        raise ConfigError("no concepts: add a [[concepts]] table or pass --instance-data-dir and --class-noun.")
     output_dir = Path(config.output_dir).expanduser()
     accelerator, trackers = make_accelerator(config, output_dir)
-    if accelerator.is_main_process:
-        prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
-    accelerator.wait_for_everyone()
+    plan, changes = plan_run_folder(config, output_dir, accelerator, overwrite=overwrite, resume=resume,
+                                    resume_with_changes=resume_with_changes)
+    if plan.action == "finished":
+        return None
     torch.manual_seed(config.seed)
 
     concepts = [load_concept(c, skip_bad_images=config.skip_bad_images, index=i) for i, c in enumerate(config.concepts)]
     pipe = load_base(config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
                      single_file_config=config.single_file_config)
     components = Components.from_pipeline(pipe, config.pretrained_model_name_or_path)
+    check_loaded_model(config, components)
     for c in concepts:
         for warning in check_identifier(components.tokenizer, c.config.identifier):
             logger.warning(warning)
@@ -384,6 +403,9 @@ def setup(config: TrainConfig, *, overwrite: bool, resume: str | None, progress:
     set_attention(components.unet, config.attention)
     method = get_method(config.method)(config)
     param_groups = method.prepare(components, concepts)
+    if accelerator.is_main_process:
+        trained = [p for g in param_groups for p in g["params"]]
+        warn_if_disk_is_short(output_dir, checkpoint_bytes(trained, 2 if config.checkpointing_steps else 0))
     data = TrainData(concepts, priors, resolution=config.resolution, center_crop=config.center_crop,
                      random_flip=config.random_flip, augment=config.augment_enabled,
                      latent_scale=components.latent_scale, seed=config.seed, repeats=config.repeats)
@@ -403,10 +425,11 @@ def setup(config: TrainConfig, *, overwrite: bool, resume: str | None, progress:
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_train_steps)
     unet, text_encoder, optimizer = prepare_for_accelerator(accelerator, components, optimizer, train_text)
-    start_step = restore(resume, output_dir, method, components, optimizer, lr_scheduler)
+    start_step = restore(plan.checkpoint, method, components, optimizer, lr_scheduler, new_settings=bool(changes))
     log = None
     if accelerator.is_main_process:
-        write_text(output_dir / "config.toml", config_to_toml(config))
+        write_text(output_dir / "config.toml",
+                   config_toml_with_history(output_dir, config_to_toml(config), step=start_step, changes=changes))
         if trackers:
             accelerator.init_trackers("dreamtune", config={k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))})
         log = MetricsLog(output_dir / "logs" / "metrics.csv", start_step=start_step)
@@ -476,16 +499,46 @@ def prepare_for_accelerator(accelerator, components: Components, optimizer, trai
     return unet, text_encoder, optimizer
 
 
-def restore(resume: str | None, output_dir: Path, method: Method, components: Components, optimizer,
-            lr_scheduler) -> int:
-    """Load the checkpoint `resume` names ("latest" or a folder) and return its step; 0 for a new run."""
-    if not resume:
-        return 0
-    checkpoint = latest_checkpoint(output_dir) if resume == "latest" else Path(resume).expanduser()
+def plan_run_folder(config: TrainConfig, output_dir: Path, accelerator, *, overwrite: bool, resume: str | None,
+                    resume_with_changes: bool) -> tuple[RunPlan, list]:
+    """Decide from the run folder's state what this call may do, before anything is written.
+
+    Leftovers of a killed process are removed first; a resume's config is compared with the run's
+    (the changes it accepted are returned); a folder to start over is cleared last.
+    """
+    if accelerator.is_main_process:
+        remove_run_leftovers(output_dir)
+    accelerator.wait_for_everyone()
+    plan = plan_run(output_dir, resume=resume, overwrite=overwrite)
+    if plan.action == "finished":
+        return plan, []
+    if not config.concepts:
+        raise ConfigError("no concepts: add a [[concepts]] table or pass --instance-data-dir and --class-noun.")
+    changes = []
+    if plan.checkpoint is not None:
+        match = re.match(r"checkpoint-(\d+)$", plan.checkpoint.name)
+        changes = check_resume_config(output_dir, config, step=int(match.group(1)) if match else 0,
+                                      accept_changes=resume_with_changes)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and plan.clear:
+        clear_run(output_dir, RUN_ENTRIES)
+    accelerator.wait_for_everyone()
+    return plan, changes
+
+
+def restore(checkpoint: Path | None, method: Method, components: Components, optimizer, lr_scheduler, *,
+            new_settings: bool = False) -> int:
+    """Load a checkpoint and return its step (0 for a new run).
+
+    With `new_settings` (a resume that accepted config changes), the optimizer keeps the
+    checkpoint's moments but takes the new config's learning rate and other settings.
+    """
     if checkpoint is None:
-        logger.warning("no checkpoint in %s: starting a new run", output_dir / "checkpoints")
         return 0
+    settings = optimizer_settings(optimizer)
     step = load_checkpoint(checkpoint, method, components, optimizer, lr_scheduler)
+    if new_settings:
+        apply_optimizer_settings(optimizer, lr_scheduler, settings)
     logger.info("resumed from %s at step %d", checkpoint, step)
     return step
 

@@ -102,3 +102,28 @@ def resume_after_kill(monkeypatch):
         return training.train(config, resume="latest", progress=False)
 
     return run
+
+
+@pytest.fixture
+def interrupted_run(make_config, monkeypatch):
+    """Build a config with `make_config(**options)` and train it until checkpoint-`at_step` is on disk, then stop
+    as a kill would (the artifact is never written). Returns the config."""
+    import dreamtune.training as training
+
+    def run(at_step=2, **options):
+        config = make_config(**options)
+        real_save = training.save_checkpoint
+
+        def save(output_dir, step, *args, **kwargs):
+            path = real_save(output_dir, step, *args, **kwargs)
+            if step == at_step:
+                raise KeyboardInterrupt
+            return path
+
+        monkeypatch.setattr(training, "save_checkpoint", save)
+        with pytest.raises(KeyboardInterrupt):
+            training.train(config, progress=False)
+        monkeypatch.setattr(training, "save_checkpoint", real_save)
+        return config
+
+    return run

@@ -46,5 +46,5 @@ def test_sample_cli_writes_images_and_grid(make_config, tmp_path, what):
     out = tmp_path / "samples"
     assert main(["sample", "--weights", str(result.output_dir), "--prompt", "a photo of sks dog",
                  "--prompt", "a dog", "-n", "2", "--steps", "2", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "prompt00-00.png", "prompt00-01.png",
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["grid.png", "prompt00-00.png", "prompt00-01.png",
                                                      "prompt01-00.png", "prompt01-01.png"]

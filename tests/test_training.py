@@ -39,7 +39,7 @@ def test_train_text_encoder_changes_it(make_config, tiny_model_dir):
 
 
 def test_artifact_reproduces_the_training_time_image(make_config):
-    config = make_config(validation_prompts=["a photo of {identifier} {class_noun}", "a photo of a dog on the beach"])
+    config = make_config(validation_steps=4, validation_prompts=["a photo of {identifier} {class_noun}", "a photo of a dog on the beach"])
     result = train(config, progress=False)
     grid = np.asarray(Image.open(result.output_dir / "samples" / f"step-{config.max_train_steps:06d}.png"))
     from dreamtune.grid import image_grid

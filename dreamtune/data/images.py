@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -74,7 +75,12 @@ def load_image(path: str | Path) -> Image.Image:
                 return to_rgb(image)
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # PIL refuses the largest images before their size can be read back: take it from its message.
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)) / 1e6:,.0f} megapixels" if found else "too many pixels"
+        raise ImageError(f"{path}: too large ({size}, limit {MAX_PIXELS / 1e6:,.0f}); downscale it first.") from None
+    except UnidentifiedImageError as e:
         raise ImageError(f"{path}: not a readable image ({type(e).__name__}). Remove it or use --skip-bad-images.") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: cannot read the image ({e}). The file may be truncated or corrupt; remove it or use --skip-bad-images.") from None

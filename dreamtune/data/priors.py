@@ -2,7 +2,9 @@
 
 Generated images live in a folder keyed by the base model, class prompt and sampling settings; image i
 always comes from the same seed, so an interrupted generation resumes where it stopped and a second
-run with the same class reuses the images.
+run with the same class reuses the images. Runs sharing a folder take turns (an OS lock kept in the
+cache), so none generates an image another is making. A user's own class_data_dir receives the
+images alone: the record of how they were made is kept in the cache.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..io import save_image, write_json
+from ..io import remove_leftovers, save_image, write_json
 from .dataset import ImageSet
 from .images import list_images, load_images, read_caption
 
@@ -55,25 +57,41 @@ def generate_class_images(pipe, class_prompt: str, folder: Path, count: int, *, 
 
     Image i uses seed hash(seed, i), and each is written atomically, so the set does not depend on
     interruptions, batch size or how many processes share the work (process r makes i % world == r).
+    Another run generating into the same folder is waited for, then only what it left missing is made.
     """
+    from ..runfolder import FolderLock
+
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "class_images.json", {"class_prompt": class_prompt, "steps": steps, "guidance": guidance,
-                                              "resolution": resolution})
-    missing = [i for i in range(count) if not (folder / f"{i:05d}.png").exists() and i % world_size == rank]
-    if not missing:
-        return
-    device = pipe.device
-    bar = tqdm(total=len(missing), desc=f"class images '{class_prompt}'", disable=not progress)
-    for start in range(0, len(missing), batch_size):
-        chunk = missing[start : start + batch_size]
-        generators = [torch.Generator(device).manual_seed(seed * 100_003 + i) for i in chunk]
-        with torch.no_grad():
-            images = pipe([class_prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance,
-                          generator=generators, height=resolution, width=resolution).images
-        for i, image in zip(chunk, images):
-            save_image(image, folder / f"{i:05d}.png")
-        bar.update(len(chunk))
-    bar.close()
+    key = hashlib.sha256(str(folder.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    lock = FolderLock(cache_dir() / "locks" / f"class-{key}-{rank}-of-{world_size}.lock", f"class images folder '{folder}'")
+    with lock.acquire(wait=True):
+        # Other processes of this run write the other images at the same time: only this one's temporaries
+        # go, and the first process alone writes the record.
+        remove_leftovers(folder, only=lambda stem: int(stem) % world_size == rank if stem.isdigit() else rank == 0)
+        if rank == 0:
+            write_json(_record_path(folder, key), {"folder": str(folder), "class_prompt": class_prompt, "steps": steps,
+                                                   "guidance": guidance, "resolution": resolution})
+        missing = [i for i in range(count) if not (folder / f"{i:05d}.png").exists() and i % world_size == rank]
+        device = pipe.device
+        bar = tqdm(total=len(missing), desc=f"class images '{class_prompt}'", disable=not (progress and missing))
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start : start + batch_size]
+            generators = [torch.Generator(device).manual_seed(seed * 100_003 + i) for i in chunk]
+            with torch.no_grad():
+                images = pipe([class_prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance,
+                              generator=generators, height=resolution, width=resolution).images
+            for i, image in zip(chunk, images):
+                save_image(image, folder / f"{i:05d}.png")
+            bar.update(len(chunk))
+        bar.close()
+
+
+def _record_path(folder: Path, key: str) -> Path:
+    """Where the record of a class folder lives: inside it when it is dreamtune's cache, else in the cache,
+    so a user's folder holds only the images (other tools read every file there as one)."""
+    if folder.resolve().is_relative_to(cache_dir().resolve()):
+        return folder / "class_images.json"
+    return cache_dir() / "class_records" / f"{key}.json"
 
 
 def load_class_images(folder: Path, class_prompt: str, count: int, *, prompt_source: str = "auto",
