@@ -96,7 +96,7 @@ def test_train_five_steps_sample_and_list(server, subject_files, tmp_path):
     client, root = server
     message, command, current = client.predict(
         name="star-lora", files=[handle_file(f) for f in subject_files], method="lora", class_noun="star",
-        steps=5, learning_rate=1e-3, validation_steps=0, num_validation_images=1, validation_inference_steps=2,
+        steps=5, learning_rate=1e-3, validation_steps=5, num_validation_images=1, validation_inference_steps=2,
         api_name="/start")
     assert current == "star-lora", message
     # While it runs, a second job is refused, and the message says it was not queued.
