@@ -127,8 +127,8 @@ class Face:
             raise DreamtuneError("no run selected.")
         if not self.jobs.stop(name):
             return _message(f"run '{name}' is not running.", "warn")
-        return _message(f"Stopping run '{name}': it ends after the current step; Resume continues from its last "
-                        "checkpoint.", "ok")
+        return _message(f"Stopping run '{name}' (as Ctrl-C does); Resume continues from its last checkpoint "
+                        "(checkpointing_steps in the Advanced panel sets how often one is written).", "ok")
 
     def resume(self, name: str) -> tuple[str, str]:
         if not name:
