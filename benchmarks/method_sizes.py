@@ -15,6 +15,17 @@ from pathlib import Path
 
 import torch
 
+#: (method, identifier, options) of each measured configuration, each method with its own defaults.
+RUNS = (
+    ("dreambooth", "sks", {}),
+    ("dreambooth", "sks", {"train_text_encoder": True}),
+    ("custom_diffusion", "<new1>", {}),
+    ("custom_diffusion", "<new1>", {"compress_rank": 64}),
+    ("textual_inversion", "<new1>", {}),
+    ("lora", "sks", {}),
+    ("lora", "sks", {"train_text_encoder": True}),
+)
+
 
 def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -29,15 +40,7 @@ def main() -> None:
 
     quiet_libraries()
     rows = []
-    for method, identifier, extra in (
-        ("dreambooth", "sks", {}),
-        ("dreambooth", "sks", {"train_text_encoder": True}),
-        ("custom_diffusion", "<new1>", {}),
-        ("custom_diffusion", "<new1>", {"compress_rank": 64}),
-        ("textual_inversion", "<new1>", {}),
-        ("lora", "sks", {}),
-        ("lora", "sks", {"train_text_encoder": True}),
-    ):
+    for method, identifier, extra in RUNS:
         torch.manual_seed(0)
         pipe = sd15_pipeline()
         unet_total = sum(p.numel() for p in pipe.unet.parameters())

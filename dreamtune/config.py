@@ -66,6 +66,7 @@ class TrainConfig:
     revision: str = opt("", "Hub revision of the base model.", section="model")
     variant: str = opt("", "Weight variant of the base model, e.g. 'fp16'.", section="model")
     single_file_config: str = opt("", "For a single-file base model: a diffusers folder or hub id giving its component configs (needed offline).", section="model")
+    vae_path: str = opt("", "A VAE to use instead of the base model's: a folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix, which does not overflow in fp16).", section="model")
     method: str = opt("dreambooth", "Personalization method: dreambooth, custom_diffusion, textual_inversion, lora (or one registered in dreamtune.methods).", section="model", flag=True)
     # run
     output_dir: str = opt("runs/dreamtune", "Run folder: config, checkpoints, samples, logs and the artifact.", section="run", flag=True)
@@ -77,6 +78,10 @@ class TrainConfig:
     augment: str | None = opt(None, "Custom Diffusion's rescale augmentation with 'very small'/'zoomed in' prompt words and a masked loss: 'on' or 'off' ('auto': the method's default).", choices=("auto", "on", "off"), section="data")
     skip_bad_images: bool = opt(False, "Skip unreadable images with a warning instead of stopping.", section="data", flag=True)
     repeats: int = opt(1, "How many times each instance image counts per epoch (kohya's num_repeats).", min=1, section="data")
+    bucketing: bool = opt(False, "Aspect-ratio bucketing: train each image at the bucket (about resolution² pixels, sides in multiples of bucket_step) nearest its aspect ratio instead of a square crop; each batch is one bucket.", section="data", flag=True)
+    bucket_step: int = opt(64, "Bucket sides are multiples of this many pixels.", min=8, section="data")
+    bucket_max_ratio: float = opt(2.0, "Longest bucket side over the shortest, at most.", min=1.0, section="data")
+    caption_dropout: float = opt(0.0, "Share of instance examples trained with an empty prompt (chosen per example by the seed), so guidance keeps an unconditional model to contrast with.", min=0.0, max=1.0, section="data")
     # prior preservation
     with_prior_preservation: bool = opt(False, "Train on the class images beside the subject's, so the class is not forgotten.", section="prior", flag=True)
     prior_loss_weight: float = opt(1.0, "Weight of the prior-preservation loss (the paper's lambda).", min=0.0, section="prior", flag=True)
@@ -108,6 +113,7 @@ class TrainConfig:
     attention: str = opt("sdpa", "Attention kernel: PyTorch scaled-dot-product ('sdpa'), 'xformers' or diffusers' plain one ('eager').", choices=("sdpa", "xformers", "eager"), section="speed")
     cache_latents: bool = opt(True, "Encode images with the VAE once when no random augmentation is on.", section="speed")
     cache_text_embeddings: bool = opt(True, "Encode prompts once when the text encoder is frozen.", section="speed")
+    vae_fp32: bool = opt(False, "Keep the VAE in float32 under mixed precision (SDXL's own VAE overflows in fp16).", section="speed")
     # checkpoints and logging
     checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N steps (0: never).", min=0, section="run", flag=True)
     checkpoints_total_limit: int = opt(0, "Keep at most this many checkpoints (0: all).", min=0, section="run")

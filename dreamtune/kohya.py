@@ -3,7 +3,8 @@
 A diffusers LoRA key such as
 `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight` becomes
 `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight` (and
-`.lora_up.weight`, `.alpha`); text-encoder layers become `lora_te_text_model_encoder_layers_...`.
+`.lora_up.weight`, `.alpha`); text-encoder layers become `lora_te_text_model_encoder_layers_...`,
+or for SDXL's two encoders `lora_te1_...` and `lora_te2_...` (each family names its prefixes).
 Each layer's `.alpha` carries the scale (kohya applies `alpha / rank`), taken from the adapter
 config in the file's header; a file without one is taken at scale 1 (alpha = rank), as diffusers
 reads it. diffusers' own `load_lora_weights` reads the exported file back.
@@ -25,9 +26,17 @@ from .io import save_safetensors
 
 # (component, layer path, which matrix) from diffusers' layout and from peft's.
 _DIFFUSERS_KEY = re.compile(
-    r"^(unet|text_encoder)\.(.+?)\.(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight$"
+    r"^(unet|text_encoder|text_encoder_2)\.(.+?)\.(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight$"
 )
-_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+def kohya_prefixes(state_dict_keys, family: str = "") -> dict[str, str]:
+    """kohya's key prefix per component, from the model family (read from the keys when not given)."""
+    from .families import get_family
+
+    if not family:
+        family = "sdxl" if any(k.startswith("text_encoder_2.") for k in state_dict_keys) else "sd"
+    return {"unet": "lora_unet_", **get_family(family).kohya_text_prefixes}
 
 
 def _find_lora_file(path: Path) -> Path:
@@ -80,27 +89,30 @@ def _component_configs(header: dict[str, str]) -> dict[str, dict]:
     return configs
 
 
-def to_kohya(state_dict: dict[str, torch.Tensor], header: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+def to_kohya(state_dict: dict[str, torch.Tensor], header: dict[str, str] | None = None,
+             family: str = "") -> dict[str, torch.Tensor]:
     """Rename a diffusers-layout LoRA state dict to kohya keys, adding each layer's `.alpha`.
 
     `header` is the file's safetensors metadata; its `lora_adapter_metadata` (peft's LoraConfig per
-    component) gives the alphas. Keys of another layout raise a DreamtuneError naming one of them.
+    component) gives the alphas. `family` ("sd", "sdxl"; read from the keys when empty) chooses the
+    text encoders' prefixes. Keys of another layout raise a DreamtuneError naming one of them.
     """
     configs = _component_configs(header or {})
+    prefixes = kohya_prefixes(state_dict, family or (header or {}).get("family", ""))
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         match = _DIFFUSERS_KEY.match(key)
         if not match:
-            raise DreamtuneError(f"kohya export: unexpected key '{key}'; expected diffusers LoRA keys (unet.*/text_encoder.*).")
+            raise DreamtuneError(f"kohya export: unexpected key '{key}'; expected diffusers LoRA keys (unet.*/text_encoder.*/text_encoder_2.*).")
         component, layer, which = match.groups()
-        if component == "text_encoder" and not layer.startswith("text_model."):
+        if component != "unet" and not layer.startswith("text_model."):
             layer = f"text_model.{layer}"
-        name = _KOHYA_PREFIX[component] + layer.replace(".", "_")
+        name = prefixes[component] + layer.replace(".", "_")
         is_down = which.endswith(("down", "lora_A"))
         out[f"{name}.lora_down.weight" if is_down else f"{name}.lora_up.weight"] = tensor
         if is_down:
             # The config's layer names have no "text_model." when the text encoder is flattened.
-            config_layer = layer.removeprefix("text_model.") if component == "text_encoder" else layer
+            config_layer = layer.removeprefix("text_model.") if component != "unet" else layer
             alpha = _alpha_for(config_layer, tensor.shape[0], configs.get(component))
             out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return out

@@ -132,12 +132,17 @@ def read_captions(reg_captions: str | os.PathLike | Sequence[str], limit: int = 
 
 @torch.no_grad()
 def token_features(pipe, prompt: str, start: int = 1) -> torch.Tensor:
-    """Text-encoder outputs (float64) of a prompt's tokens from position `start` through the end token."""
-    tok = pipe.tokenizer
-    ids = tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids
-    device = next(pipe.text_encoder.parameters()).device
-    hidden = pipe.text_encoder(torch.tensor([ids], device=device))[0][0]
-    return hidden[start : len(ids)].double().cpu()
+    """Cross-attention inputs (float64) of a prompt's tokens from position `start` through the end token.
+
+    They are what the family feeds the UNet's cross-attention (SDXL: both encoders' states side by side).
+    """
+    from .families import encoder_slots, family_of
+
+    slots = encoder_slots(pipe)
+    ids = [tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids for _, tok, _ in slots]
+    device = next(slots[0][2].parameters()).device
+    hidden = family_of(pipe).encode([torch.tensor([i], device=device) for i in ids], [e for _, _, e in slots]).embeds[0]
+    return hidden[start : len(ids[0])].double().cpu()
 
 
 def concept_features(pipe, identifier: str, class_noun: str) -> torch.Tensor:
@@ -192,6 +197,7 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
     when the constraints cannot all hold.
     """
     from .artifacts import metadata, read_artifact, safetensors_metadata, write_metadata
+    from .families import encoder_slots
     from .io import atomic_dir, save_safetensors, write_text
     from .methods.custom_diffusion import (
         WEIGHT_NAME,
@@ -266,10 +272,10 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
                         "regularisation_change": float(torch.linalg.matrix_norm(c_reg @ (w - base_weights[name].double()).T)
                                                        / torch.linalg.matrix_norm(c_reg @ base_weights[name].double().T))}
     tokens = [t for info in infos for t in info.tokens]
-    embeddings = {}
-    embedding = pipe.text_encoder.get_input_embeddings().weight
+    embeddings: dict[str, dict[str, torch.Tensor]] = {}
     for token in tokens:
-        embeddings[token] = embedding[pipe.tokenizer.convert_tokens_to_ids(token)].detach().float().cpu().clone()
+        embeddings[token] = {label: encoder.get_input_embeddings().weight[tok.convert_tokens_to_ids(token)].detach().float().cpu().clone()
+                             for label, tok, encoder in encoder_slots(pipe)}
     result = MergeResult(out_dir, tokens, max(r["constraint_rows"] for r in layers.values()),
                          max(r["relative_constraint_error"] for r in layers.values()), layers)
     meta = metadata(CustomDiffusion.name, base, tokens,

@@ -40,7 +40,11 @@ def load_base(name_or_path: str, *, torch_dtype: torch.dtype | None = None, revi
         local_files_only = True
     elif looks_local(name_or_path):
         raise ModelLoadError(f"{name_or_path}: no such file or folder. Give a diffusers folder, a .safetensors file or a hub id.")
-    kwargs = {"torch_dtype": torch_dtype, "safety_checker": None, "requires_safety_checker": False}
+    kwargs = {"torch_dtype": torch_dtype}
+    index = path / "model_index.json"
+    if not index.is_file() or "safety_checker" in index.read_text(encoding="utf-8"):
+        # Only SD 1.x/2.x pipelines have a safety checker; other classes would warn about the arguments.
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     if revision:
         kwargs["revision"] = revision
     if variant:
@@ -56,6 +60,27 @@ def load_base(name_or_path: str, *, torch_dtype: torch.dtype | None = None, revi
         ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_vae(name_or_path: str, torch_dtype: torch.dtype | None = None):
+    """An AutoencoderKL from a folder (its own, or a pipeline's `vae/`) or a hub id, to replace a base model's VAE.
+
+    For example `madebyollin/sdxl-vae-fp16-fix`, SDXL's VAE retrained not to overflow in fp16.
+    """
+    from diffusers import AutoencoderKL
+
+    path = Path(name_or_path).expanduser()
+    subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
+    if path.is_dir() and subfolder is None and not (path / "config.json").is_file():
+        raise ModelLoadError(f"vae_path '{path}': not a VAE folder (no config.json, no vae/config.json).")
+    if not path.exists() and looks_local(name_or_path):
+        raise ModelLoadError(f"vae_path '{name_or_path}': no such folder. Give a VAE folder or a hub id.")
+    offline = path.is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    try:
+        return AutoencoderKL.from_pretrained(str(path) if path.is_dir() else name_or_path, subfolder=subfolder,
+                                             torch_dtype=torch_dtype, local_files_only=offline)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"vae_path '{name_or_path}': cannot load a VAE ({first_line(e)}).") from None
 
 
 def load_pipeline(base: str | None, *artifacts: str | os.PathLike, torch_dtype: torch.dtype | None = None,

@@ -210,9 +210,12 @@ def vae_key_map(config: Mapping[str, Any]) -> dict[str, tuple[str, dict[str, str
     return modules
 
 
-def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
-    """A UNet2DConditionModel's weights under `model.diffusion_model.*` keys."""
-    mapped = _rename_modules(unet.state_dict(), unet_key_map(unet.config), "UNet")
+def unet_to_ldm(unet, extra_modules: dict[str, tuple[str, dict[str, str]]] | None = None) -> dict[str, torch.Tensor]:
+    """A UNet2DConditionModel's weights under `model.diffusion_model.*` keys.
+
+    `extra_modules` maps modules beyond SD's (a family's added embeddings) to their LDM names.
+    """
+    mapped = _rename_modules(unet.state_dict(), {**unet_key_map(unet.config), **(extra_modules or {})}, "UNet")
     return {UNET_PREFIX + key: tensor for key, tensor in mapped.items()}
 
 
@@ -233,8 +236,8 @@ def _text_encoder_state(text_encoder) -> dict[str, torch.Tensor]:
     return {key.removeprefix("text_model."): value for key, value in text_encoder.state_dict().items()}
 
 
-def clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """An OpenAI-style CLIPTextModel's weights under `cond_stage_model.transformer.text_model.*` (SD 1.x)."""
+def clip_to_ldm(text_encoder, prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """An OpenAI-style CLIPTextModel's weights under `prefix` (SD 1.x: `cond_stage_model.transformer.text_model.`)."""
     state = _text_encoder_state(text_encoder)
     unexpected = [key for key in state if not key.startswith(("embeddings.", "encoder.", "final_layer_norm."))]
     if unexpected:
@@ -242,15 +245,17 @@ def clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
             f"the text encoder has weights outside CLIP's text model ({', '.join(unexpected[:3])}); "
             "SD 1.x single files hold a plain CLIPTextModel."
         )
-    return {CLIP_PREFIX + key: value for key, value in state.items()}
+    return {prefix + key: value for key, value in state.items()}
 
 
-def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """A CLIPTextModel's weights in OpenCLIP's layout under `cond_stage_model.model.*` (SD 2.x).
+def open_clip_to_ldm(text_encoder, prefix: str = OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel's weights in OpenCLIP's layout under `prefix` (SD 2.x: `cond_stage_model.model.`).
 
     OpenCLIP fuses q, k and v into one `in_proj` per layer. diffusers' SD 2.x text encoder keeps only the
     layers Stable Diffusion 2 reads (the penultimate output), so the file holds those: the unused last layer
     and `text_projection` of the original OpenCLIP model are absent, as SD 2.x sampling never reads them.
+    A CLIPTextModelWithProjection (SDXL's second encoder) also has its `text_projection`, which OpenCLIP
+    stores transposed (it multiplies from the right).
     """
     state = _text_encoder_state(text_encoder)
     out: dict[str, torch.Tensor] = {}
@@ -268,6 +273,9 @@ def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
         if key in fixed:
             out[fixed[key]] = value
             continue
+        if key == "text_projection.weight":
+            out["text_projection"] = value.T.contiguous()
+            continue
         match = layer_key.match(key)
         if match is None:
             raise ModelLoadError(
@@ -283,7 +291,7 @@ def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
             raise ModelLoadError(f"the text encoder has a weight OpenCLIP's layout cannot hold ({key}).")
     for (layer, kind), parts in fused.items():
         out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    return {OPEN_CLIP_PREFIX + key: value for key, value in out.items()}
+    return {prefix + key: value for key, value in out.items()}
 
 
 def detect_text_encoder_layout(text_encoder) -> str:
@@ -346,7 +354,7 @@ def _metadata(pipeline, layout: str, extra: Mapping[str, Any] | None) -> dict[st
 
 
 def _load_pipeline_folder(path: Path):
-    from diffusers import StableDiffusionPipeline
+    from .pipeline import load_base
 
     if not path.is_dir() or not (path / "model_index.json").is_file():
         raise ModelLoadError(
@@ -354,14 +362,18 @@ def _load_pipeline_folder(path: Path):
             "or the folder `save_pretrained` wrote."
         )
     try:
-        return StableDiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None)
+        return load_base(str(path))
+    except ModelLoadError:
+        raise
     except Exception as e:  # diffusers raises many types for a broken folder
-        raise ModelLoadError(f"{path}: cannot be loaded as a StableDiffusionPipeline ({first_line(e)}).") from None
+        raise ModelLoadError(f"{path}: cannot be loaded as a diffusers pipeline ({first_line(e)}).") from None
 
 
 def export_single_file(pipeline_or_dir, out_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                        metadata: Mapping[str, Any] | None = None, text_encoder_layout: str = "auto") -> Path:
-    """Write a StableDiffusionPipeline as one .safetensors file in the original Stable Diffusion layout.
+    """Write a StableDiffusion(XL)Pipeline as one .safetensors file in its family's original layout.
+
+    SD 1.x/2.x: CompVis' LDM layout; SDXL: Stability's SGM layout (both encoders under `conditioner.`).
 
     `pipeline_or_dir` is a pipeline or a diffusers pipeline folder. `dtype` (e.g. torch.float16) casts
     floating-point weights; by default they keep their dtype. `metadata` (values stored as strings,
@@ -385,8 +397,9 @@ def export_single_file(pipeline_or_dir, out_path: str | os.PathLike, *, dtype: t
         if getattr(pipeline, name, None) is None:
             raise ModelLoadError(f"the pipeline has no {name}; a single-file checkpoint needs unet, vae and text_encoder.")
 
-    layout = resolve_text_encoder_layout(pipeline, text_encoder_layout)
-    tensors = pipeline_to_ldm(pipeline, layout)
+    from .families import family_of
+
+    tensors, layout = family_of(pipeline).single_file_state(pipeline, text_encoder_layout)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     caveats = _ldm_tool_caveats(pipeline)
@@ -477,8 +490,6 @@ def _check_is_sd_checkpoint(path: Path, keys: list[str]) -> None:
     def has(prefix: str) -> bool:
         return any(key.startswith(prefix) for key in keys)
 
-    if has("conditioner.embedders."):
-        raise ModelLoadError(f"{path}: an SDXL checkpoint; load it with StableDiffusionXLPipeline.from_single_file.")
     if not has(UNET_PREFIX):
         if has("lora_unet_") or has("lora_te") or any(".lora_" in key or "lora_A" in key for key in keys):
             kind = "LoRA weights"
@@ -494,7 +505,8 @@ def _check_is_sd_checkpoint(path: Path, keys: list[str]) -> None:
             f"{path}: {kind}, not a Stable Diffusion checkpoint (no {UNET_PREFIX}* weights); "
             "load a full model checkpoint, or apply this file to one."
         )
-    missing = [what for prefix, what in ((VAE_PREFIX, "VAE"), ("cond_stage_model.", "text encoder")) if not has(prefix)]
+    text_prefix = "conditioner.embedders." if has("conditioner.") else "cond_stage_model."
+    missing = [what for prefix, what in ((VAE_PREFIX, "VAE"), (text_prefix, "text encoder")) if not has(prefix)]
     if missing:
         raise ModelLoadError(
             f"{path}: has no {' or '.join(missing)} weights; a single-file checkpoint must hold unet, vae and "
@@ -554,26 +566,35 @@ def _resolve_config(path: Path, config: str | os.PathLike | None, metadata: dict
 
 
 def load_single_file(path: str | os.PathLike, *, config: str | os.PathLike | None = None,
-                     torch_dtype: torch.dtype | None = None, local_files_only: bool = True):
-    """Load a single-file (LDM-layout) Stable Diffusion checkpoint as a StableDiffusionPipeline.
+                     torch_dtype: torch.dtype | None = None, local_files_only: bool = True,
+                     pipeline_class: str | None = None):
+    """Load a single-file (LDM/SGM-layout) checkpoint as its family's pipeline (StableDiffusion(XL)Pipeline).
 
-    The weights go through diffusers' own loader, `StableDiffusionPipeline.from_single_file`. `config` is
-    a diffusers pipeline folder or hub id that gives the component configs, tokenizer and scheduler; it
-    is required for non-standard sizes (tiny models). Without it diffusers picks SD 1.5's or SD 2.1's
-    configs from the key shapes, which must be in the local Hugging Face cache when `local_files_only`
-    (the default; nothing is downloaded then). Only .safetensors files are read: pickle-based .ckpt files
-    can execute code when opened, so they are refused with a one-line ModelLoadError, as are missing files
-    and files that are not Stable Diffusion checkpoints.
+    The family is read from the file's tensor names (SDXL's `conditioner.embedders.*`, SD's
+    `cond_stage_model.*`) unless `pipeline_class` names the diffusers class. The weights go through
+    diffusers' own loader, `<pipeline class>.from_single_file`. `config` is a diffusers pipeline folder
+    or hub id that gives the component configs, tokenizers and scheduler; it is required for
+    non-standard sizes (tiny models). Without it diffusers picks the standard configs from the key
+    shapes, which must be in the local Hugging Face cache when `local_files_only` (the default; nothing
+    is downloaded then). Only .safetensors files are read: pickle-based .ckpt files can execute code
+    when opened, so they are refused with a one-line ModelLoadError, as are missing files, files that
+    are not Stable Diffusion checkpoints, and SDXL refiner checkpoints.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
+
+    from .families import family_of_single_file
 
     path = Path(path).expanduser()
-    _, metadata = inspect_single_file(path)
+    keys, metadata = inspect_single_file(path)
+    family = family_of_single_file(path, keys)
+    if family is not None:
+        family.check_single_file(path, keys)
+    pipeline_class = pipeline_class or (family.pipeline_class if family else "StableDiffusionPipeline")
     config_dir = _resolve_config(path, config, metadata, local_files_only)
+    extra = {"safety_checker": None, "feature_extractor": None} if pipeline_class == "StableDiffusionPipeline" else {}
     try:
-        pipeline = StableDiffusionPipeline.from_single_file(
-            str(path), config=config_dir, torch_dtype=torch_dtype, local_files_only=True,
-            safety_checker=None, feature_extractor=None,
+        pipeline = getattr(diffusers, pipeline_class).from_single_file(
+            str(path), config=config_dir, torch_dtype=torch_dtype, local_files_only=True, **extra,
         )
     except ModelLoadError:
         raise
@@ -582,8 +603,10 @@ def load_single_file(path: str | os.PathLike, *, config: str | os.PathLike | Non
             f"{path}: its weights do not fit the configs in {config_dir} ({_first_sentence(e)}); pass config= the "
             "diffusers folder of the model it was made from."
         ) from None
-    for name in ("unet", "vae", "text_encoder"):
-        module = getattr(pipeline, name)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipeline, name, None)
+        if module is None:
+            continue
         left = [n for n, p in module.named_parameters() if p.device.type == "meta"]
         if left:
             raise ModelLoadError(

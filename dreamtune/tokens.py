@@ -78,8 +78,15 @@ def read_embedding_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_token_files(pipe, files: dict[str, Path]) -> None:
-    """Add each token to a pipeline from its embedding file with diffusers' `load_textual_inversion`."""
-    vocab = pipe.tokenizer.get_vocab()
+    """Add each token to a pipeline from its embedding file with diffusers' `load_textual_inversion`.
+
+    With several text encoders (SDXL) the file holds one entry per encoder label (`clip_l`, `clip_g`)
+    and each goes into its own encoder and tokenizer.
+    """
+    from .families import encoder_slots
+
+    slots = encoder_slots(pipe)
+    vocab = set().union(*(tok.get_vocab() for _, tok, _ in slots))
     for token, path in files.items():
         path = Path(path)
         if not path.is_file():
@@ -88,7 +95,16 @@ def load_token_files(pipe, files: dict[str, Path]) -> None:
             raise ModelLoadError(
                 f"{path.parent}: the token {token} is already in the pipeline's tokenizer (another artifact added it); "
                 "artifacts loaded together need different tokens.")
-        pipe.load_textual_inversion(read_embedding_file(path), token=token)
+        state = read_embedding_file(path)
+        if len(slots) == 1:
+            pipe.load_textual_inversion(state, token=token)
+            continue
+        missing = [label for label, _, _ in slots if label not in state]
+        if missing:
+            raise ModelLoadError(f"{path}: has no '{missing[0]}' entry; an embedding for this model needs one per text "
+                                 f"encoder ({', '.join(label for label, _, _ in slots)}).")
+        for label, tokenizer, encoder in slots:
+            pipe.load_textual_inversion(state[label], token=token, text_encoder=encoder, tokenizer=tokenizer)
 
 
 def add_tokens(tokenizer, text_encoder, tokens: Sequence[str], initializer_words: Sequence[str] | str) -> list[int]:
@@ -238,3 +254,16 @@ def rare_tokens(tokenizer, count: int = 20, *, min_chars: int = 3, max_chars: in
         return candidates
     stride = len(candidates) / count
     return [candidates[int(i * stride)] for i in range(count)]
+
+
+def save_token_file(path, token: str, rows: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write one new token's trained rows, keyed by text-encoder label ({label: rows}).
+
+    With one text encoder the file is diffusers' single-key layout `{token: rows}`; with several it
+    holds one entry per encoder label (`clip_l`, `clip_g` for SDXL), the layout AUTOMATIC1111 and
+    ComfyUI read SDXL embeddings in.
+    """
+    from .io import save_safetensors
+
+    tensors = {token: next(iter(rows.values()))} if len(rows) == 1 else dict(rows)
+    save_safetensors({k: v.float().contiguous() for k, v in tensors.items()}, path, metadata or {"format": "pt"})

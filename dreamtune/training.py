@@ -36,10 +36,11 @@ from .data.concepts import load_concept
 from .data.dataset import Example, TrainData, keyed_generator
 from .data.priors import default_class_dir, generate_class_images, has_captions, load_class_images
 from .errors import ConfigError, TrainingDiverged
+from .families import PromptEmbeds, tokenize
 from .io import write_text
 from .logs import MetricsLog
 from .methods import Components, Method, get_method
-from .pipeline import load_base
+from .pipeline import load_base, load_vae
 from .preflight import check_loaded_model, check_train_config, checkpoint_bytes, warn_if_disk_is_short
 from .runfolder import (
     RunPlan,
@@ -125,8 +126,9 @@ class Encoder:
         self.device, self.dtype = device, dtype
         self.scaling = components.vae.config.scaling_factor
         self.latent_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.text_cache: dict[str, torch.Tensor] = {}
-        if cache_latents and data.deterministic:
+        self.text_cache: dict[str, PromptEmbeds] = {}
+        self.cache_latents = cache_latents and data.deterministic
+        if self.cache_latents:
             for key, pixels in data.all_fixed_examples():
                 self.latent_cache[key] = self._distribution(pixels[None])
         if cache_text or frozen_prompt is not None:
@@ -136,16 +138,21 @@ class Encoder:
                 chunk = prompts[start : start + 32]
                 with torch.no_grad():
                     embeds = self.text(chunk)
-                self.text_cache.update({p: e for p, e in zip(chunk, embeds)})
+                self.text_cache.update({p: embeds[i] for i, p in enumerate(chunk)})
 
     @torch.no_grad()
     def _distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.c.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        dist = self.c.vae.encode(pixels.to(self.device, self.c.vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
     def latents(self, examples: list[Example], gens: list[torch.Generator]) -> torch.Tensor:
         """Sampled VAE latents, scaled; the sampling noise comes from each example's generator."""
         means, stds = [], []
+        if self.cache_latents:
+            # Class images cropped to a bucket first met now; encoded alone, as the cached ones were.
+            for e in examples:
+                if e.source not in self.latent_cache:
+                    self.latent_cache[e.source] = self._distribution(e.pixels[None])
         if all(e.source in self.latent_cache for e in examples):
             for e in examples:
                 mean, std = self.latent_cache[e.source]
@@ -157,31 +164,33 @@ class Encoder:
         eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]).to(mean.device)
         return (mean + std * eps) * self.scaling
 
-    def tokens(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.c.tokenizer
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids
-
-    def text(self, prompts: list[str], *, text_encoder=None) -> torch.Tensor:
-        """Prompt embeddings (last hidden state), from the cache when the text encoder is frozen."""
+    def text(self, prompts: list[str], *, text_encoders=None) -> PromptEmbeds:
+        """Prompt embeddings as the family computes them, from the cache when the text encoders are frozen."""
         cached = [p in self.text_cache for p in prompts]
         if all(cached):
-            return torch.stack([self.text_cache[p] for p in prompts])
-        encoder = text_encoder or self.c.text_encoder
-        fresh = encoder(self.tokens([p for p, c in zip(prompts, cached) if not c]).to(self.device))[0]
+            return PromptEmbeds.stack([self.text_cache[p] for p in prompts])
+        fresh_prompts = [p for p, c in zip(prompts, cached) if not c]
+        ids = [tokenize(tok, fresh_prompts).to(self.device) for tok in self.c.tokenizers]
+        fresh = self.c.family.encode(ids, list(text_encoders or self.c.text_encoders))
         if not any(cached):
             return fresh
-        rows = iter(fresh)
-        return torch.stack([self.text_cache[p].to(fresh.dtype) if c else next(rows) for p, c in zip(prompts, cached)])
+        rows = iter(range(len(fresh_prompts)))
+        return PromptEmbeds.stack([self.text_cache[p].to(fresh.embeds.dtype) if c else fresh[next(rows)]
+                                   for p, c in zip(prompts, cached)])
 
 
-def diffusion_loss(unet, scheduler, latents, embeds, masks, gens, *, snr_gamma: float) -> torch.Tensor:
-    """Per-example masked MSE between the UNet's prediction and the scheduler's target."""
+def diffusion_loss(unet, scheduler, latents, embeds, masks, gens, *, snr_gamma: float,
+                   added_conditions: dict | None = None) -> torch.Tensor:
+    """Per-example masked MSE between the UNet's prediction and the scheduler's target.
+
+    `added_conditions` is the UNet's `added_cond_kwargs` for families that take them (SDXL).
+    """
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents)
     t = torch.stack([torch.randint(0, scheduler.config.num_train_timesteps, (), generator=g) for g in gens])
     t = t.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
-    pred = unet(noisy.to(unet.dtype if hasattr(unet, "dtype") else latents.dtype), t, embeds).sample.float()
+    pred = unet(noisy.to(unet.dtype if hasattr(unet, "dtype") else latents.dtype), t, embeds,
+                added_cond_kwargs=added_conditions).sample.float()
     kind = scheduler.config.prediction_type
     if kind == "v_prediction":
         target = scheduler.get_velocity(latents, noise, t)
@@ -221,9 +230,9 @@ class Run:
     method: Method
     data: TrainData
     encoder: Encoder
-    #: The UNet and text encoder as the accelerator wrapped them (DDP on several processes).
+    #: The UNet and text encoders as the accelerator wrapped them (DDP on several processes).
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
     trainable: list[torch.nn.Parameter]
     train_text: bool
     weight_dtype: torch.dtype
@@ -308,28 +317,31 @@ def forward_backward(run: Run, step: int) -> torch.Tensor:
 
     The step's examples are keyed by their index in the whole run: micro-batch m of process r takes
     the `train_batch_size` indices that follow all earlier micro-batches of all processes, and the
-    class half takes the same indices from the class images.
+    class half takes the same indices from the class images, cropped to the instance half's size
+    (its bucket, when bucketing).
     """
     config, accelerator = run.config, run.accelerator
     batch, accum, world = config.train_batch_size, config.gradient_accumulation_steps, accelerator.num_processes
     prior = config.with_prior_preservation
     step_loss = torch.zeros(3, device=accelerator.device)
     for micro in range(accum):
-        first = ((step * accum + micro) * world + accelerator.process_index) * batch
-        ks = range(first, first + batch)
-        examples = [run.data.instance(k) for k in ks]
+        ks, examples = run.data.instance_batch(step * accum + micro, batch, accelerator.process_index, world)
         gens = [keyed_generator(config.seed, "instance", k) for k in ks]
         if prior:
-            examples += [run.data.prior(k) for k in ks]
+            size = (examples[0].pixels.shape[-1], examples[0].pixels.shape[-2])
+            examples += [run.data.prior(k, size) for k in ks]
             gens += [keyed_generator(config.seed, "prior", k) for k in ks]
         sync = micro == accum - 1
         with (nullcontext() if sync else accelerator.no_sync(run.unet)), accelerator.autocast():
             latents = run.encoder.latents(examples, gens)
-            embeds = run.encoder.text([e.prompt for e in examples], text_encoder=run.text_encoder)
+            prompt = run.encoder.text([e.prompt for e in examples], text_encoders=run.text_encoders)
+            if not run.train_text:
+                prompt = prompt.to(run.weight_dtype)
+            added = run.components.family.added_conditions(prompt, examples, prompt.embeds.dtype)
             masks = torch.stack([e.mask if e.mask is not None else torch.ones(1, *latents.shape[2:]) for e in examples])
-            per_example = diffusion_loss(run.unet, run.components.noise_scheduler, latents,
-                                         embeds if run.train_text else embeds.to(run.weight_dtype),
-                                         masks.to(latents.device), gens, snr_gamma=config.snr_gamma)
+            per_example = diffusion_loss(run.unet, run.components.noise_scheduler, latents, prompt.embeds,
+                                         masks.to(latents.device), gens, snr_gamma=config.snr_gamma,
+                                         added_conditions=added)
             instance_loss = per_example[:batch].mean()
             prior_loss = per_example[batch:].mean() if prior else torch.zeros_like(instance_loss)
             loss = instance_loss + config.prior_loss_weight * prior_loss
@@ -392,6 +404,8 @@ def setup(config: TrainConfig, *, overwrite: bool, resume: str | None, progress:
     concepts = [load_concept(c, skip_bad_images=config.skip_bad_images, index=i) for i, c in enumerate(config.concepts)]
     pipe = load_base(config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
                      single_file_config=config.single_file_config)
+    if config.vae_path:
+        pipe.vae = load_vae(config.vae_path)
     components = Components.from_pipeline(pipe, config.pretrained_model_name_or_path)
     check_loaded_model(config, components)
     for c in concepts:
@@ -408,14 +422,17 @@ def setup(config: TrainConfig, *, overwrite: bool, resume: str | None, progress:
         warn_if_disk_is_short(output_dir, checkpoint_bytes(trained, 2 if config.checkpointing_steps else 0))
     data = TrainData(concepts, priors, resolution=config.resolution, center_crop=config.center_crop,
                      random_flip=config.random_flip, augment=config.augment_enabled,
-                     latent_scale=components.latent_scale, seed=config.seed, repeats=config.repeats)
+                     latent_scale=components.latent_scale, seed=config.seed, repeats=config.repeats,
+                     bucketing=config.bucketing, bucket_step=config.bucket_step,
+                     bucket_max_ratio=config.bucket_max_ratio, caption_dropout=config.caption_dropout)
     weight_dtype = weight_dtype_of(config.mixed_precision)
-    place_models(components, accelerator.device, weight_dtype)
+    place_models(components, accelerator.device, weight_dtype, vae_fp32=config.vae_fp32)
     train_text = method.trains_text_encoder(components)
     if config.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
-        if train_text:
-            components.text_encoder.gradient_checkpointing_enable()
+        for text_model in components.text_encoders:
+            if any(p.requires_grad for p in text_model.parameters()):
+                text_model.gradient_checkpointing_enable()
     cache_text = config.cache_text_embeddings
     encoder = Encoder(components, data, cache_latents=config.cache_latents, cache_text=cache_text and not train_text,
                       frozen_prompt=method.frozen_prompt if cache_text and train_text else None,
@@ -424,7 +441,7 @@ def setup(config: TrainConfig, *, overwrite: bool, resume: str | None, progress:
     optimizer = make_optimizer(param_groups, config, accelerator.num_processes)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_train_steps)
-    unet, text_encoder, optimizer = prepare_for_accelerator(accelerator, components, optimizer, train_text)
+    unet, text_encoders, optimizer = prepare_for_accelerator(accelerator, components, optimizer, train_text)
     start_step = restore(plan.checkpoint, method, components, optimizer, lr_scheduler, new_settings=bool(changes))
     log = None
     if accelerator.is_main_process:
@@ -434,7 +451,7 @@ def setup(config: TrainConfig, *, overwrite: bool, resume: str | None, progress:
             accelerator.init_trackers("dreamtune", config={k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))})
         log = MetricsLog(output_dir / "logs" / "metrics.csv", start_step=start_step)
     validation_prompts = [concepts[0].config.format(p) for p in config.validation_prompts] or default_validation_prompts(concepts)
-    return Run(config, accelerator, output_dir, pipe, components, concepts, method, data, encoder, unet, text_encoder,
+    return Run(config, accelerator, output_dir, pipe, components, concepts, method, data, encoder, unet, text_encoders,
                [p for g in param_groups for p in g["params"]], train_text, weight_dtype, optimizer, lr_scheduler,
                start_step, validation_prompts, trackers, log)
 
@@ -474,29 +491,35 @@ def prepare_priors(config: TrainConfig, pipe, concepts: list, accelerator, *, pr
     return priors
 
 
-def place_models(components: Components, device, weight_dtype: torch.dtype) -> None:
-    """Move the models to the device; frozen weights take the mixed-precision dtype, trained ones stay float32."""
-    for module in (components.unet, components.vae, components.text_encoder):
+def place_models(components: Components, device, weight_dtype: torch.dtype, *, vae_fp32: bool = False) -> None:
+    """Move the models to the device; frozen weights take the mixed-precision dtype, trained ones stay float32.
+
+    With `vae_fp32` the VAE stays float32 (SDXL's own VAE overflows in fp16).
+    """
+    for module in (components.unet, components.vae, *components.text_encoders):
         module.to(device)
+        if module is components.vae and vae_fp32:
+            module.to(torch.float32)
+            continue
         for p in module.parameters():
             if not p.requires_grad and p.dtype != weight_dtype:
                 p.data = p.data.to(weight_dtype)
 
 
 def prepare_for_accelerator(accelerator, components: Components, optimizer, train_text: bool):
-    """Wrap the trained models and the optimizer (DDP on several processes); returns (unet, text_encoder, optimizer)."""
-    unet, text_encoder = components.unet, components.text_encoder
+    """Wrap the trained models and the optimizer (DDP on several processes); returns (unet, text_encoders, optimizer)."""
     # DDP refuses a module with nothing to train (Textual Inversion's UNet), so only trained ones are wrapped.
-    if train_text and not any(p.requires_grad for p in unet.parameters()):
-        text_encoder, optimizer = accelerator.prepare(text_encoder, optimizer)
-    elif train_text:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-    else:
-        unet, optimizer = accelerator.prepare(unet, optimizer)
+    modules = [components.unet, *components.text_encoders]
+    trained = [i for i, m in enumerate(modules) if any(p.requires_grad for p in m.parameters())]
+    prepared = accelerator.prepare(*[modules[i] for i in trained], optimizer)
+    prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+    for i, module in zip(trained, prepared[:-1]):
+        modules[i] = module
+    unet, text_encoders = modules[0], modules[1:]
     unet.train()
-    if train_text:
-        text_encoder.train()
-    return unet, text_encoder, optimizer
+    for text_model in text_encoders if train_text else ():
+        text_model.train()
+    return unet, text_encoders, prepared[-1]
 
 
 def plan_run_folder(config: TrainConfig, output_dir: Path, accelerator, *, overwrite: bool, resume: str | None,
@@ -548,7 +571,7 @@ def save_artifact(method, components: Components, artifact_dir: Path, config: Tr
     from .artifacts import metadata, write_metadata
     from .io import atomic_dir
 
-    meta = metadata(method.name, config.pretrained_model_name_or_path, method.tokens,
+    meta = metadata(method.name, config.pretrained_model_name_or_path, method.tokens, family=components.family.name,
                     concepts=[{"identifier": c.identifier, "class_noun": c.class_noun} for c in config.concepts])
     with atomic_dir(artifact_dir) as tmp:
         method.save_artifact(components, tmp, meta)
@@ -563,10 +586,10 @@ def run_validation(components: Components, prompts: list[str], config: TrainConf
     from .io import save_image
     from .pipeline import sample
 
-    unet, text_encoder = components.unet, components.text_encoder
-    was_training = unet.training, text_encoder.training
-    unet.eval()
-    text_encoder.eval()
+    modules = [components.unet, *components.text_encoders]
+    was_training = [m.training for m in modules]
+    for module in modules:
+        module.eval()
     pipe = components.pipe
     pipe.set_progress_bar_config(disable=True)
     try:
@@ -575,8 +598,8 @@ def run_validation(components: Components, prompts: list[str], config: TrainConf
                             steps=config.validation_inference_steps, guidance=config.validation_guidance_scale,
                             height=config.resolution, width=config.resolution)
     finally:
-        unet.train(was_training[0])
-        text_encoder.train(was_training[1])
+        for module, mode in zip(modules, was_training):
+            module.train(mode)
     path = output_dir / "samples" / f"step-{step:06d}.png"
     save_image(image_grid(images, prompts, config.num_validation_images, title=f"step {step}"), path)
     return path

@@ -33,6 +33,14 @@ def tiny_vpred_model_dir(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tinyv") / "model", seed=0, prediction_type="v_prediction")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory):
+    """A tiny StableDiffusionXLPipeline (two text encoders, text_time UNet) saved as a diffusers folder."""
+    from dreamtune.tiny import save_tiny_sdxl_pipeline
+
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tinyxl") / "model", seed=0)
+
+
 def draw_subject(path, i: int, size=(40, 48)) -> None:
     image = Image.new("RGB", size, (40 * i % 255, 120, 200))
     draw = ImageDraw.Draw(image)
@@ -47,6 +55,15 @@ def subject_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("subject")
     for i in range(4):
         draw_subject(folder / f"{i}.png", i)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def varied_subject_dir(tmp_path_factory):
+    """Four images of the subject in three aspect ratios (wide, tall, squarish), for bucketing."""
+    folder = tmp_path_factory.mktemp("varied")
+    for i, size in enumerate([(48, 24), (24, 48), (40, 40), (40, 48)]):
+        draw_subject(folder / f"{i}.png", i, size)
     return folder
 
 

@@ -113,7 +113,7 @@ def test_only_cross_attention_kv_and_new_token_rows_change(joint_run, tiny_model
     tok = base.tokenizer
     for token, word in (("<new1>", "dog"), ("<new2>", "box")):
         init = rows[tok(word, add_special_tokens=False).input_ids[0]]
-        assert not torch.equal(seen["tokens"][token], init), f"{token} did not train"
+        assert not torch.equal(seen["tokens"][token]["clip"], init), f"{token} did not train"
     meta = json.loads((result.artifact_dir / "dreamtune.json").read_text())
     assert meta["tokens"] == ["<new1>", "<new2>"] and meta["initializers"] == {"<new1>": "dog", "<new2>": "box"}
 
@@ -258,6 +258,7 @@ def test_token_helpers_and_their_errors(tiny_model_dir):
 def test_class_prompts_are_cached_while_token_rows_train(tiny_model_dir, subject_dir, tmp_path):
     from dreamtune.data.concepts import load_concept
     from dreamtune.data.dataset import ImageSet, TrainData
+    from dreamtune.families import tokenize
     from dreamtune.methods import Components
     from dreamtune.methods.custom_diffusion import CustomDiffusion
     from dreamtune.pipeline import load_base
@@ -277,12 +278,12 @@ def test_class_prompts_are_cached_while_token_rows_train(tiny_model_dir, subject
                       frozen_prompt=method.frozen_prompt)
     assert set(encoder.text_cache) == {"a photo of a dog"}
     prompts = ["a photo of <new1> dog", "a photo of a dog"]
-    embeds = encoder.text(prompts)
+    embeds = encoder.text(prompts).embeds
     assert embeds.requires_grad
     embeds[0].sum().backward()
-    assert method.token_rows.weight.grad is not None
+    assert method.token_rows["clip"].weight.grad is not None
     with torch.no_grad():
-        torch.testing.assert_close(embeds, components.text_encoder(encoder.tokens(prompts))[0])
+        torch.testing.assert_close(embeds, components.text_encoder(tokenize(components.tokenizer, prompts))[0])
 
 
 def test_method_errors(tiny_model_dir, subject_dir, tmp_path):

@@ -95,7 +95,7 @@ def _fake_run(tiny_model_dir, folder, token, class_noun, seed):
     embedding = torch.randn(32, generator=gen)
     folder.mkdir(parents=True)
     save_safetensors(diffusers_state_dict(pipe.unet, weights), folder / WEIGHT_NAME)
-    save_token_files({token: embedding}, folder)
+    save_token_files({token: {"clip": embedding}}, folder)
     write_metadata(folder, metadata("custom_diffusion", str(tiny_model_dir), [token],
                                     concepts=[{"identifier": token, "class_noun": class_noun}]))
     return folder, weights

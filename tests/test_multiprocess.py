@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -19,14 +20,16 @@ def _run(args, env_extra, cwd):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_two_processes_match_one(tiny_model_dir, subject_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["square", "bucketed"])
+def test_two_processes_match_one(tiny_model_dir, subject_dir, varied_subject_dir, tmp_path, mode):
+    subject_dir = varied_subject_dir if mode == "bucketed" else subject_dir
     two = tmp_path / "two"
     one = tmp_path / "one"
     two.mkdir()
     one.mkdir()
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-          str(tiny_model_dir), str(subject_dir), str(two / "run"), "1"], {}, tmp_path)
-    _run([sys.executable, str(SCRIPT), str(tiny_model_dir), str(subject_dir), str(one / "run"), "2"], {}, tmp_path)
+          str(tiny_model_dir), str(subject_dir), str(two / "run"), "1", mode], {}, tmp_path)
+    _run([sys.executable, str(SCRIPT), str(tiny_model_dir), str(subject_dir), str(one / "run"), "2", mode], {}, tmp_path)
     rank0, rank1 = load_file(two / "rank0.safetensors"), load_file(two / "rank1.safetensors")
     single = load_file(one / "rank0.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)

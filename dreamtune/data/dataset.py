@@ -9,12 +9,14 @@ several processes and an uninterrupted single-process run see exactly the same e
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import ConfigError
 from .concepts import Concept
 
 FAR_WORDS = ("a far away ", "very small ")
@@ -44,16 +46,51 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 def resize_crop(image: Image.Image, size: int, *, center: bool, gen: torch.Generator | None) -> Image.Image:
     """Resize the shorter side to `size`, then crop a size x size square (centre or random)."""
-    w, h = image.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if (new_w, new_h) != (w, h):
+    return resize_crop_at(image, size, center=center, gen=gen)[0]
+
+
+def cover_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, int]:
+    """The size (w, h) an image is resized to so that it just covers `target` (w, h), aspect kept."""
+    scale = max(target[0] / width, target[1] / height)
+    return max(target[0], round(width * scale)), max(target[1], round(height * scale))
+
+
+def resize_crop_at(image: Image.Image, size: int | tuple[int, int], *, center: bool,
+                   gen: torch.Generator | None) -> tuple[Image.Image, tuple[int, int]]:
+    """`resize_crop` to a square `size` or a (width, height) box, also returning the crop's top-left corner.
+
+    The image is resized to just cover the box, then cropped to it. The corner (top, left) is in the
+    resized image; it is what SDXL's micro-conditioning is told about the crop.
+    """
+    target = (size, size) if isinstance(size, int) else tuple(size)
+    new_w, new_h = cover_size(*image.size, target)
+    if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     if center or gen is None:
-        left, top = (new_w - size) // 2, (new_h - size) // 2
+        left, top = (new_w - target[0]) // 2, (new_h - target[1]) // 2
     else:
-        left, top = _randint(gen, 0, new_w - size), _randint(gen, 0, new_h - size)
-    return image.crop((left, top, left + size, top + size))
+        left, top = _randint(gen, 0, new_w - target[0]), _randint(gen, 0, new_h - target[1])
+    return image.crop((left, top, left + target[0], top + target[1])), (top, left)
+
+
+def make_buckets(resolution: int, step: int, max_ratio: float) -> list[tuple[int, int]]:
+    """Bucket sizes (w, h): multiples of `step` with an area of at most resolution², aspect within `max_ratio`.
+
+    For each width the tallest height that keeps the area is taken, so every bucket holds about
+    as many pixels as the square one (which is always among them).
+    """
+    area, buckets = resolution * resolution, {(resolution, resolution)}
+    for width in range(step, int(resolution * max_ratio) + 1, step):
+        height = area // width // step * step
+        if height >= step and max(width / height, height / width) <= max_ratio:
+            buckets.add((width, height))
+    return sorted(buckets)
+
+
+def nearest_bucket(buckets: list[tuple[int, int]], width: int, height: int) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (in log ratio, so 2:1 and 1:2 are as far from 1:1)."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
 def rescale_augment(pixels: torch.Tensor, latent_scale: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -104,6 +141,8 @@ class Example:
     prompt: str
     mask: torch.Tensor | None = None  # 1 x h x w at latent resolution, None: the whole image
     source: tuple = ()  # ("instance"|"prior", concept index, image index): the key for cached latents
+    original_size: tuple[int, int] = (0, 0)  # (height, width) of the image file, before any resizing
+    crop_top_left: tuple[int, int] = (0, 0)  # where the crop starts in the resized image (top, left)
 
 
 @dataclass
@@ -113,35 +152,58 @@ class ImageSet:
     images: list[Image.Image]
     prompts: list[str]
     tensors: list[torch.Tensor] = field(default_factory=list)
+    crops: list[tuple[int, int]] = field(default_factory=list)
 
 
 class TrainData:
-    """Instance and prior examples for one run, addressed by stream index."""
+    """Instance and prior examples for one run, addressed by stream index (and, bucketed, by batch index).
+
+    With `bucketing`, each instance image goes to the bucket (see `make_buckets`) nearest its aspect
+    ratio and is resized to cover it and cropped, not squared; every batch comes from one bucket and
+    its class images are cropped to that bucket's size. Each epoch shuffles every bucket's images
+    and the order of the batches by keys of (seed, epoch), so any batch can be computed on its own.
+    """
 
     def __init__(self, concepts: list[Concept], priors: list[ImageSet] | None, *, resolution: int,
                  center_crop: bool, random_flip: bool, augment: bool, latent_scale: int, seed: int,
-                 repeats: int = 1):
+                 repeats: int = 1, bucketing: bool = False, bucket_step: int = 64, bucket_max_ratio: float = 2.0,
+                 caption_dropout: float = 0.0):
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.augment = augment
         self.latent_scale = latent_scale
         self.seed = seed
+        self.bucketing = bucketing
+        self.caption_dropout = caption_dropout
+        if bucketing and augment:
+            raise ConfigError("bucketing: Custom Diffusion's rescale augmentation works on square crops; set "
+                              "augment = 'off' or bucketing = false.")
         self.instances = [ImageSet(c.images * repeats, c.prompts * repeats) for c in concepts]
         self.priors = priors or []
         self._perms: dict[tuple, torch.Tensor] = {}
+        self._epochs: dict[tuple, list] = {}
+        self._fixed_priors: dict[tuple, tuple[torch.Tensor, tuple[int, int]]] = {}
+        square = (resolution, resolution)
+        self.buckets = make_buckets(resolution, bucket_step, bucket_max_ratio) if bucketing else [square]
+        #: The (width, height) each instance image trains at, per concept.
+        self.sizes = [[nearest_bucket(self.buckets, *im.size) if bucketing else square for im in s.images]
+                      for s in self.instances]
         # Fixed preprocessing is done once; random crops and flips are redone per example.
         if self.deterministic:
-            for image_set in self.instances + self.priors:
-                image_set.tensors = [self._fixed(im) for im in image_set.images]
+            for image_set, sizes in zip(self.instances + self.priors, self.sizes + [[square] * len(p.images) for p in self.priors]):
+                fixed = [self._fixed(im, size) for im, size in zip(image_set.images, sizes)]
+                image_set.tensors = [t for t, _ in fixed]
+                image_set.crops = [c for _, c in fixed]
 
     @property
     def deterministic(self) -> bool:
         """True when an image always gives the same pixels, so its latents can be cached."""
         return self.center_crop and not self.random_flip and not self.augment
 
-    def _fixed(self, image: Image.Image) -> torch.Tensor:
-        return to_tensor(resize_crop(image, self.resolution, center=True, gen=None))
+    def _fixed(self, image: Image.Image, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        image, crop = resize_crop_at(image, size, center=True, gen=None)
+        return to_tensor(image), crop
 
     def _pick(self, kind: str, sets: list[ImageSet], k: int) -> tuple[int, int]:
         """Stream index -> (concept, image): concepts alternate; each concept walks its own shuffled epochs."""
@@ -156,34 +218,87 @@ class TrainData:
             self._perms[key] = torch.randperm(n, generator=keyed_generator(self.seed, "perm", *key))
         return concept, int(self._perms[key][pos])
 
-    def _pixels(self, image_set: ImageSet, index: int, gen: torch.Generator) -> torch.Tensor:
-        if image_set.tensors:
-            return image_set.tensors[index]
-        image = resize_crop(image_set.images[index], self.resolution, center=self.center_crop, gen=gen)
-        pixels = to_tensor(image)
+    def _pixels(self, image_set: ImageSet, index: int, gen: torch.Generator,
+                size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """An image's training pixels at `size` (w, h) and the top-left corner of its crop."""
+        if image_set.tensors and tuple(image_set.tensors[index].shape[-2:]) == (size[1], size[0]):
+            return image_set.tensors[index], image_set.crops[index]
+        image = image_set.images[index]
+        cropped, (top, left) = resize_crop_at(image, size, center=self.center_crop, gen=gen)
+        pixels = to_tensor(cropped)
         if self.random_flip and _uniform(gen) < 0.5:
             pixels = pixels.flip(-1)
-        return pixels
+            # Mirrored, the crop starts as far from the resized image's left edge as it ended from its right.
+            left = cover_size(*image.size, size)[0] - left - size[0]
+        return pixels, (top, left)
 
-    def instance(self, k: int) -> Example:
-        """The k-th instance example of the run."""
-        concept, index = self._pick("instance", self.instances, k)
+    def _instance_example(self, k: int, concept: int, index: int) -> Example:
         image_set = self.instances[concept]
         gen = keyed_generator(self.seed, "instance-aug", k)
-        pixels = self._pixels(image_set, index, gen)
+        pixels, crop = self._pixels(image_set, index, gen, self.sizes[concept][index])
         prompt, mask = image_set.prompts[index], None
         if self.augment:
             pixels, mask, words = rescale_augment(pixels, self.latent_scale, gen)
             prompt = words + prompt
-        return Example(pixels, prompt, mask, ("instance", concept, index))
+        # Its own key, so that turning dropout on changes no other random choice.
+        if self.caption_dropout and _uniform(keyed_generator(self.seed, "caption-dropout", k)) < self.caption_dropout:
+            prompt = ""
+        size = image_set.images[index].size
+        return Example(pixels, prompt, mask, ("instance", concept, index), (size[1], size[0]), crop)
 
-    def prior(self, k: int) -> Example:
-        """The k-th class example of the run (never masked, as in the paper)."""
+    def instance(self, k: int) -> Example:
+        """The k-th instance example of the run (without bucketing; see `instance_batch`)."""
+        return self._instance_example(k, *self._pick("instance", self.instances, k))
+
+    def _epoch_batches(self, epoch: int, batch: int) -> list[list[tuple[int, int]]]:
+        """The bucketed batches of one epoch, each a list of (concept, image) from one bucket."""
+        key = (epoch, batch)
+        if key not in self._epochs:
+            if len(self._epochs) > 8:
+                self._epochs.clear()
+            batches = []
+            for b, bucket in enumerate(self.buckets):
+                members = [(c, i) for c, sizes in enumerate(self.sizes) for i, size in enumerate(sizes) if size == bucket]
+                if not members:
+                    continue
+                perm = torch.randperm(len(members), generator=keyed_generator(self.seed, "bucket-perm", b, epoch))
+                order = [members[int(p)] for p in perm]
+                # The last batch of a bucket is filled from its start: every batch is full and one size.
+                batches += [[order[(start + j) % len(order)] for j in range(batch)] for start in range(0, len(order), batch)]
+            perm = torch.randperm(len(batches), generator=keyed_generator(self.seed, "bucket-order", epoch))
+            self._epochs[key] = [batches[int(p)] for p in perm]
+        return self._epochs[key]
+
+    def instance_batch(self, g: int, batch: int, rank: int = 0, world: int = 1) -> tuple[range, list[Example]]:
+        """Process `rank`'s share of the g-th global batch (`batch` examples per process): stream indices, examples.
+
+        The global batch (batch x world examples, one bucket when bucketing) depends on g alone, so a
+        run split over processes, resumed, or uninterrupted sees the same examples.
+        """
+        first = (g * world + rank) * batch
+        ks = range(first, first + batch)
+        if not self.bucketing:
+            return ks, [self.instance(k) for k in ks]
+        per_epoch = len(self._epoch_batches(0, batch * world))
+        epoch, pos = divmod(g, per_epoch)
+        picks = self._epoch_batches(epoch, batch * world)[pos][rank * batch : (rank + 1) * batch]
+        return ks, [self._instance_example(k, c, i) for k, (c, i) in zip(ks, picks)]
+
+    def prior(self, k: int, size: tuple[int, int] | None = None) -> Example:
+        """The k-th class example of the run, at `size` (w, h; default square); never masked, as in the paper."""
         concept, index = self._pick("prior", self.priors, k)
         image_set = self.priors[concept]
+        size = size or (self.resolution, self.resolution)
         gen = keyed_generator(self.seed, "prior-aug", k)
-        pixels = self._pixels(image_set, index, gen)
-        return Example(pixels, image_set.prompts[index], None, ("prior", concept, index))
+        source = ("prior", concept, index) if size == (self.resolution, self.resolution) else ("prior", concept, index, *size)
+        if self.deterministic and len(source) > 3:
+            if source not in self._fixed_priors:
+                self._fixed_priors[source] = self._fixed(image_set.images[index], size)
+            pixels, crop = self._fixed_priors[source]
+        else:
+            pixels, crop = self._pixels(image_set, index, gen, size)
+        original = image_set.images[index].size
+        return Example(pixels, image_set.prompts[index], None, source, (original[1], original[0]), crop)
 
     def all_fixed_examples(self):
         """Every (source key, pixels) pair, for latent caching when preprocessing is deterministic."""
@@ -194,7 +309,7 @@ class TrainData:
 
     def all_prompts(self) -> list[str]:
         """Every prompt an example can have (for text-embedding caching; not with augmentation words)."""
-        prompts = {p for s in self.instances + self.priors for p in s.prompts}
+        prompts = {p for s in self.instances + self.priors for p in s.prompts} | ({""} if self.caption_dropout else set())
         if self.augment:
             prompts |= {w + p for s in self.instances for p in s.prompts for w in FAR_WORDS + CLOSE_WORDS}
         return sorted(prompts)

@@ -8,39 +8,74 @@ are what the rest of dreamtune (config, CLI, bench, export, pipeline) asks it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from ..config import TrainConfig
+from ..errors import ModelLoadError
 
 
 @dataclass
 class Components:
-    """The parts of a Stable Diffusion pipeline that training touches."""
+    """The parts of a pipeline that training touches, and the model family that knows how to drive them.
+
+    `text_encoders` and `tokenizers` are parallel lists in the family's order (one for SD 1.x/2.x,
+    two for SDXL); `text_encoder_names` are their pipeline attributes, which also prefix their
+    tensors in checkpoints and LoRA files. `text_encoder` and `tokenizer` are the first of each.
+    """
 
     pipe: Any
     unet: torch.nn.Module
     vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: Any
+    text_encoders: list
+    tokenizers: list
     noise_scheduler: Any
     base_model: str
+    family: Any = None
+    text_encoder_names: list = field(default_factory=lambda: ["text_encoder"])
 
     @classmethod
     def from_pipeline(cls, pipe, base_model: str) -> Components:
         from diffusers import DDPMScheduler
 
-        missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, n, None) is None]
-        if missing or getattr(pipe, "text_encoder_2", None) is not None:
-            raise NotImplementedError(
-                f"{base_model}: {type(pipe).__name__} is not a Stable Diffusion 1.x/2.x pipeline; training supports those for now."
-            )
+        from ..families import family_of
+
+        family = family_of(pipe, base_model)
+        slots = family.text_encoders
+        missing = [n for n in ("unet", "vae", "scheduler", *(s.encoder for s in slots), *(s.tokenizer for s in slots))
+                   if getattr(pipe, n, None) is None]
+        if missing:
+            raise ModelLoadError(f"{base_model}: the {family.title} pipeline has no {', '.join(missing)}; it cannot be trained.")
         # Training noise follows the base's own schedule and prediction type, in DDPM form.
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        return cls(pipe, pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, noise_scheduler, base_model)
+        return cls(pipe, pipe.unet, pipe.vae, [getattr(pipe, s.encoder) for s in slots],
+                   [getattr(pipe, s.tokenizer) for s in slots], noise_scheduler, base_model, family,
+                   [s.encoder for s in slots])
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The first text encoder (the only one for SD 1.x/2.x)."""
+        return self.text_encoders[0]
+
+    @property
+    def tokenizer(self):
+        """The first tokenizer (the only one for SD 1.x/2.x)."""
+        return self.tokenizers[0]
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self.tokenizers[0] = value
+
+    def named_text_encoders(self) -> list[tuple[str, torch.nn.Module]]:
+        """(pipeline attribute, module) of each text encoder."""
+        return list(zip(self.text_encoder_names, self.text_encoders))
+
+    def encoder_slots(self) -> list[tuple[str, Any, torch.nn.Module]]:
+        """(label, tokenizer, text encoder) of each text encoder; labels name them in shared files (clip_l, clip_g)."""
+        return [(s.label, tok, enc) for s, tok, enc in zip(self.family.text_encoders, self.tokenizers, self.text_encoders)]
 
     @property
     def latent_scale(self) -> int:
@@ -92,7 +127,7 @@ class Method:
 
     def trains_text_encoder(self, components: Components) -> bool:
         """True when any text-encoder parameter trains (then prompts cannot be cached)."""
-        return any(p.requires_grad for p in components.text_encoder.parameters())
+        return any(p.requires_grad for te in components.text_encoders for p in te.parameters())
 
     def frozen_prompt(self, prompt: str) -> bool:
         """True when nothing that trains affects this prompt's text embedding, so it can be cached.
@@ -103,16 +138,18 @@ class Method:
         return False
 
     def trainable_state(self, components: Components) -> dict[str, torch.Tensor]:
-        """The trained tensors, for checkpoints (unet.* and text_encoder.* names)."""
+        """The trained tensors, for checkpoints (unet.*, text_encoder.* and text_encoder_2.* names)."""
         state = {f"unet.{n}": p.detach() for n, p in trainable_parameters(components.unet).items()}
-        state.update({f"text_encoder.{n}": p.detach() for n, p in trainable_parameters(components.text_encoder).items()})
+        for prefix, encoder in components.named_text_encoders():
+            state.update({f"{prefix}.{n}": p.detach() for n, p in trainable_parameters(encoder).items()})
         return state
 
     @torch.no_grad()
     def load_trainable_state(self, components: Components, state: dict[str, torch.Tensor]) -> None:
         """Put checkpointed tensors back (the inverse of `trainable_state`)."""
         params = {f"unet.{n}": p for n, p in components.unet.named_parameters()}
-        params.update({f"text_encoder.{n}": p for n, p in components.text_encoder.named_parameters()})
+        for prefix, encoder in components.named_text_encoders():
+            params.update({f"{prefix}.{n}": p for n, p in encoder.named_parameters()})
         for name, value in state.items():
             params[name].copy_(value)
 

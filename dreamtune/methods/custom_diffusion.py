@@ -33,7 +33,14 @@ import torch
 
 from ..config import opt
 from ..errors import ConfigError, ModelLoadError
-from ..tokens import TrainableTokens, add_tokens, initializers, is_new_token, load_token_files
+from ..tokens import (
+    TrainableTokens,
+    add_tokens,
+    initializers,
+    is_new_token,
+    load_token_files,
+    save_token_file,
+)
 from .base import Components, Method
 
 logger = logging.getLogger(__name__)
@@ -110,16 +117,17 @@ class CustomDiffusion(Method):
         self.projections: list[str] = []
         self.base_weights: dict[str, torch.Tensor] = {}
         self.initializers: dict[str, str] = {}
-        self.token_rows: TrainableTokens | None = None
+        #: Trainable modifier-token rows per text-encoder label (SDXL: clip_l and clip_g).
+        self.token_rows: dict[str, TrainableTokens] = {}
         self._tokenizer = None
         self._hooks: list = []
 
     # --- training -------------------------------------------------------------------------
     def prepare(self, components: Components, concepts: list) -> list[dict]:
-        unet, text_encoder = components.unet, components.text_encoder
+        unet = components.unet
         if self.options.compress_rank and self.options.train_params != "crossattn_kv":
             raise ConfigError("compress_rank: only with train_params = 'crossattn_kv' (the K/V weight changes).")
-        for module in (components.vae, unet, text_encoder):
+        for module in (components.vae, unet, *components.text_encoders):
             module.requires_grad_(False)
         self.projections = trained_projections(unet, self.options.train_params)
         unet_params = []
@@ -141,10 +149,12 @@ class CustomDiffusion(Method):
         self.tokens = list(self.initializers)
         text_params = []
         if self.tokens:
-            ids = add_tokens(components.tokenizer, text_encoder, self.tokens, list(self.initializers.values()))
-            self.token_rows = TrainableTokens(text_encoder, ids)
+            # The modifier token is a new word in every text encoder (SDXL: both).
+            for label, tokenizer, encoder in components.encoder_slots():
+                ids = add_tokens(tokenizer, encoder, self.tokens, list(self.initializers.values()))
+                self.token_rows[label] = TrainableTokens(encoder, ids)
+                text_params.append(self.token_rows[label].weight)
             self._tokenizer = components.tokenizer
-            text_params = [self.token_rows.weight]
         total = sum(p.numel() for p in unet.parameters())
         trained = sum(p.numel() for p in unet_params)
         logger.info("custom_diffusion: training %d UNet parameters (%.2f%% of %d) in %d projections; new tokens: %s",
@@ -153,10 +163,10 @@ class CustomDiffusion(Method):
 
     def frozen_prompt(self, prompt: str) -> bool:
         """True for prompts without a modifier token: no trained tensor reaches their text embedding."""
-        if self.token_rows is None:
+        if not self.token_rows:
             return True
         ids = set(self._tokenizer(prompt, truncation=True, max_length=self._tokenizer.model_max_length).input_ids)
-        return not ids & set(self.token_rows.token_ids)
+        return not ids & set(next(iter(self.token_rows.values())).token_ids)
 
     # --- artifacts ------------------------------------------------------------------------
     def trained_weights(self, components: Components) -> dict[str, torch.Tensor]:
@@ -165,12 +175,14 @@ class CustomDiffusion(Method):
         return {f"{path}.{pname}": p.detach().float().cpu().clone()
                 for path in self.projections for pname, p in unet.get_submodule(path).named_parameters()}
 
-    def token_embeddings(self) -> dict[str, torch.Tensor]:
-        """The modifier tokens' trained embeddings (float32 CPU copies)."""
-        if self.token_rows is None:
-            return {}
-        rows = self.token_rows.state()
-        return dict(zip(self.tokens, (rows[i] for i in self.token_rows.token_ids)))
+    def token_embeddings(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The modifier tokens' trained embeddings per text-encoder label (float32 CPU copies)."""
+        out: dict[str, dict[str, torch.Tensor]] = {t: {} for t in self.tokens}
+        for label, token_rows in self.token_rows.items():
+            rows = token_rows.state()
+            for token, token_id in zip(self.tokens, token_rows.token_ids):
+                out[token][label] = rows[token_id]
+        return out
 
     def save_artifact(self, components: Components, folder: Path, meta: dict) -> None:
         from ..artifacts import safetensors_metadata
@@ -300,12 +312,15 @@ def compress(weights: dict[str, torch.Tensor], base_weights: dict[str, torch.Ten
     return state, report
 
 
-def save_token_files(embeddings: dict[str, torch.Tensor], folder: Path) -> None:
-    """One `<token>.safetensors` per token, in the single-key form `load_textual_inversion` reads."""
-    from ..io import save_safetensors
+def save_token_files(embeddings: dict[str, dict[str, torch.Tensor]], folder: Path) -> None:
+    """One `<token>.safetensors` per token, in the layout `load_token_files` (diffusers' loader) reads.
 
-    for token, row in embeddings.items():
-        save_safetensors({token: row.float()}, Path(folder) / f"{token}.safetensors", {"format": "pt"})
+    `embeddings` maps each token to its row per text-encoder label. With one encoder the file is
+    `{token: row}`; with several (SDXL) `{"clip_l": (1, 768), "clip_g": (1, 1280)}`.
+    """
+    for token, rows in embeddings.items():
+        rows = rows if len(rows) == 1 else {label: row.reshape(1, -1) for label, row in rows.items()}
+        save_token_file(Path(folder) / f"{token}.safetensors", token, rows)
 
 
 def token_files(info) -> dict[str, Path]:

@@ -1,4 +1,4 @@
-"""DreamBooth (Ruiz et al., CVPR 2023): fine-tune the whole UNet (and optionally the text encoder)."""
+"""DreamBooth (Ruiz et al., CVPR 2023): fine-tune the whole UNet (and optionally the text encoders)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ class DreamBooth(Method):
     def prepare(self, components: Components, concepts: list) -> list[dict]:
         components.vae.requires_grad_(False)
         components.unet.requires_grad_(True)
-        components.text_encoder.requires_grad_(self.config.train_text_encoder)
+        for encoder in components.text_encoders:
+            encoder.requires_grad_(self.config.train_text_encoder)
         self.tokens = sorted({c.config.identifier for c in concepts})
-        text_params = components.text_encoder.parameters() if self.config.train_text_encoder else ()
+        text_params = [p for e in components.text_encoders for p in e.parameters()] if self.config.train_text_encoder else ()
         return self.param_groups(components.unet.parameters(), text_params)
 
     def save_artifact(self, components: Components, folder: Path, meta: dict) -> None:
@@ -27,7 +28,7 @@ class DreamBooth(Method):
 
         pipe = components.pipe
         # Weights are saved in float32 as trained, whatever dtype the frozen parts ran in.
-        casts = [m for m in (pipe.unet, pipe.text_encoder) if any(p.dtype != torch.float32 for p in m.parameters())]
+        casts = [m for m in (components.unet, *components.text_encoders) if any(p.dtype != torch.float32 for p in m.parameters())]
         dtypes = [next(m.parameters()).dtype for m in casts]
         for module in casts:
             module.to(torch.float32)

@@ -5,7 +5,7 @@ in the config's `[lora]` table) into the UNet layers named by `target_modules`, 
 encoder's attention projections when `train_text_encoder` is on. Only the adapters train.
 
 The artifact is `pytorch_lora_weights.safetensors` in diffusers' LoRA layout (`unet.*` and
-`text_encoder.*` keys, with peft's adapter config in the `lora_adapter_metadata` header so a
+`text_encoder.*`, for SDXL also `text_encoder_2.*`, keys, with peft's adapter config in the `lora_adapter_metadata` header so a
 non-default alpha survives), which `pipe.load_lora_weights(folder)` reads. `dreamtune.kohya`
 exports it with kohya/A1111 key names.
 """
@@ -108,16 +108,17 @@ class LoRA(Method):
                           init_lora_weights="gaussian", target_modules=list(target_modules))
 
     def prepare(self, components: Components, concepts: list) -> list[dict]:
-        unet, text_encoder = components.unet, components.text_encoder
-        components.vae.requires_grad_(False)
-        unet.requires_grad_(False)
-        text_encoder.requires_grad_(False)
+        unet = components.unet
+        for module in (components.vae, unet, *components.text_encoders):
+            module.requires_grad_(False)
         check_target_modules(unet, list(self.options.target_modules))
         unet.add_adapter(self.lora_config(self.options.target_modules), adapter_name=ADAPTER_NAME)
         if self.config.train_text_encoder:
-            text_encoder.add_adapter(self.lora_config(TEXT_ENCODER_TARGET_MODULES), adapter_name=ADAPTER_NAME)
+            for encoder in components.text_encoders:
+                encoder.add_adapter(self.lora_config(TEXT_ENCODER_TARGET_MODULES), adapter_name=ADAPTER_NAME)
         self.tokens = sorted({c.config.identifier for c in concepts})
-        return self.param_groups(trainable_parameters(unet).values(), trainable_parameters(text_encoder).values())
+        text_params = [p for e in components.text_encoders for p in trainable_parameters(e).values()]
+        return self.param_groups(trainable_parameters(unet).values(), text_params)
 
     def lora_state_dict(self, components: Components) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The adapters in diffusers' LoRA layout, float32, and the header diffusers reads their config from."""
@@ -126,11 +127,11 @@ class LoRA(Method):
 
         tensors: dict[str, torch.Tensor] = {}
         adapter_meta: dict = {}
-        for prefix, model in (("unet", components.unet), ("text_encoder", components.text_encoder)):
+        for prefix, model in (("unet", components.unet), *components.named_text_encoders()):
             if ADAPTER_NAME not in (getattr(model, "peft_config", None) or {}):
                 continue
             state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME))
-            if prefix == "text_encoder" and not hasattr(model, "text_model"):
+            if prefix != "unet" and not hasattr(model, "text_model"):
                 # Newer transformers flatten CLIPTextModel; files on the Hub and older loaders (and
                 # kohya/A1111 names) spell the text encoder's layers with the "text_model." prefix.
                 state = {f"text_model.{k}": v for k, v in state.items()}
@@ -142,7 +143,8 @@ class LoRA(Method):
         tensors, header = self.lora_state_dict(components)
         meta.update({"lora_rank": self.rank, "lora_alpha": self.alpha,
                      "lora_target_modules": list(self.options.target_modules),
-                     "text_encoder_lora": ADAPTER_NAME in (getattr(components.text_encoder, "peft_config", None) or {})})
+                     "text_encoder_lora": any(ADAPTER_NAME in (getattr(e, "peft_config", None) or {})
+                                             for e in components.text_encoders)})
         # diffusers' own writer marks the file "format": "pt"; dreamtune's "format" key yields to it.
         header = {**safetensors_metadata(meta), **header}
         save_safetensors(tensors, Path(folder) / LORA_WEIGHTS_FILE, metadata=header)
@@ -173,11 +175,10 @@ class LoRA(Method):
         weight_file = info.extra.get("weight_file") or LORA_WEIGHTS_FILE
         if not (info.path / weight_file).is_file():
             raise ModelLoadError(f"{info.path}: no {weight_file} in this LoRA artifact.")
-        before = set(pipe.get_list_adapters().get("unet", [])) | set(pipe.get_list_adapters().get("text_encoder", []))
+        before = {n for names in pipe.get_list_adapters().values() for n in names}
         # diffusers' loader also reads kohya/A1111 key names and converts them.
         pipe.load_lora_weights(str(info.path), weight_name=weight_file)
-        names = pipe.get_list_adapters()
-        loaded = set(names.get("unet", [])) | set(names.get("text_encoder", []))
+        loaded = {n for names in pipe.get_list_adapters().values() for n in names}
         if before:
             # diffusers activates only the adapter it loaded last; keep the earlier ones on too.
             pipe.set_adapters(sorted(loaded))

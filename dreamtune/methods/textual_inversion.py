@@ -14,6 +14,10 @@ The artifact holds one file per identifier in diffusers' single-key layout `{tok
 writes and `load_textual_inversion(folder)` looks for), `learned_embeds_<name>.safetensors` for each
 of several. That layout also loads in AUTOMATIC1111 (as a "diffusers concept"), which names the
 embedding after the file. diffusers' loader does not read A1111's `emb_params` layout, hence this one.
+On a model with two text encoders (SDXL) the token gets vectors in both, and the file holds
+`{"clip_l": ..., "clip_g": ...}`, the layout A1111 and ComfyUI read SDXL embeddings in; each entry
+loads with `load_textual_inversion(file["clip_g"], token=..., text_encoder=pipe.text_encoder_2,
+tokenizer=pipe.tokenizer_2)` (and `clip_l` with the first encoder).
 """
 
 from __future__ import annotations
@@ -27,7 +31,14 @@ import torch
 
 from ..config import opt
 from ..errors import ConfigError
-from ..tokens import TrainableTokens, add_tokens, initializers, is_new_token, load_token_files
+from ..tokens import (
+    TrainableTokens,
+    add_tokens,
+    initializers,
+    is_new_token,
+    load_token_files,
+    save_token_file,
+)
 from .base import Components, Method
 
 logger = logging.getLogger(__name__)
@@ -82,10 +93,11 @@ class TextualInversion(Method):
         super().__init__(config)
         self.initializers: dict[str, str] = {}
         self.vectors: dict[str, list[str]] = {}
-        self.token_rows: TrainableTokens | None = None
+        #: Trainable rows per text-encoder label (one entry for SD 1.x/2.x, clip_l and clip_g for SDXL).
+        self.token_rows: dict[str, TrainableTokens] = {}
 
     def prepare(self, components: Components, concepts: list) -> list[dict]:
-        for module in (components.vae, components.unet, components.text_encoder):
+        for module in (components.vae, components.unet, *components.text_encoders):
             module.requires_grad_(False)
         for index, c in enumerate(concepts):
             identifier = c.config.identifier
@@ -99,34 +111,39 @@ class TextualInversion(Method):
         self.vectors = {t: vector_tokens(t, self.options.num_vectors) for t in self.tokens}
         all_tokens = [v for t in self.tokens for v in self.vectors[t]]
         words = [self.initializers[t] for t in self.tokens for _ in self.vectors[t]]
-        ids = add_tokens(components.tokenizer, components.text_encoder, all_tokens, words)
-        self.token_rows = TrainableTokens(components.text_encoder, ids)
+        # The same new word goes into every text encoder (SDXL: both), each with its own rows.
+        for label, tokenizer, encoder in components.encoder_slots():
+            ids = add_tokens(tokenizer, encoder, all_tokens, words)
+            self.token_rows[label] = TrainableTokens(encoder, ids)
         if self.options.num_vectors > 1:
-            components.tokenizer = ExpandingTokenizer(components.tokenizer, components.pipe)
-        width = self.token_rows.weight.shape[1]
-        logger.info("textual_inversion: training %d vectors of width %d for %s", len(ids), width, ", ".join(self.tokens))
+            components.tokenizers = [ExpandingTokenizer(t, components.pipe) for t in components.tokenizers]
+        widths = "+".join(str(rows.weight.shape[1]) for rows in self.token_rows.values())
+        logger.info("textual_inversion: training %d vectors of width %s for %s", len(all_tokens), widths, ", ".join(self.tokens))
         # The embeddings are the method's main parameters: they take learning_rate, not text_encoder_lr.
-        return self.param_groups([self.token_rows.weight])
+        return self.param_groups([rows.weight for rows in self.token_rows.values()])
 
     def trains_text_encoder(self, components: Components) -> bool:
         return True
 
-    def embeddings(self) -> dict[str, torch.Tensor]:
-        """Each identifier's trained vectors, (num_vectors, width) float32 CPU tensors."""
-        rows = self.token_rows.state()
-        ids = iter(self.token_rows.token_ids)
-        return {t: torch.stack([rows[next(ids)] for _ in self.vectors[t]]) for t in self.tokens}
+    def embeddings(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each identifier's trained vectors per text-encoder label, (num_vectors, width) float32 CPU tensors."""
+        out: dict[str, dict[str, torch.Tensor]] = {t: {} for t in self.tokens}
+        for label, token_rows in self.token_rows.items():
+            rows = token_rows.state()
+            ids = iter(token_rows.token_ids)
+            for t in self.tokens:
+                out[t][label] = torch.stack([rows[next(ids)] for _ in self.vectors[t]])
+        return out
 
     def save_artifact(self, components: Components, folder: Path, meta: dict) -> None:
         from ..artifacts import safetensors_metadata
-        from ..io import save_safetensors
 
         several = len(self.tokens) > 1
         files = {t: embeddings_file(t, several) for t in self.tokens}
         meta.update({"num_vectors": self.options.num_vectors, "initializers": self.initializers, "token_files": files})
         header = {**safetensors_metadata(meta), "format": "pt"}
         for token, vectors in self.embeddings().items():
-            save_safetensors({token: vectors}, Path(folder) / files[token], header)
+            save_token_file(Path(folder) / files[token], token, vectors, header)
 
     @classmethod
     def detect(cls, path: Path):
