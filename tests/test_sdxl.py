@@ -311,3 +311,29 @@ def test_custom_diffusion_merge_keeps_the_concept_on_sdxl_shapes(custom_diffusio
         target = features @ w.double().T
         assert torch.linalg.matrix_norm(features @ merged[name].double().T - target) / torch.linalg.matrix_norm(target) < 1e-5
     assert load_file(tmp_path / "merged" / "<new1>.safetensors").keys() == {"clip_l", "clip_g"}
+
+
+def test_compressed_custom_diffusion_and_checkpointed_encoders(tiny_sdxl_model_dir, subject_dir, tmp_path):
+    """compress_rank on SDXL's K/V shapes loads with load_lora_weights; gradient checkpointing of the UNet and
+    both text encoders changes no loss."""
+    import json
+
+    cd = _config(tiny_sdxl_model_dir, subject_dir, tmp_path / "cd", method="custom_diffusion", max_train_steps=2,
+                 learning_rate=5e-2, compress_rank=4,
+                 concepts=[{"instance_data_dir": str(subject_dir), "class_noun": "dog", "identifier": "<new1>"}])
+    result = train(cd, progress=False)
+    report = json.loads((result.artifact_dir / "dreamtune.json").read_text())["compression"]
+    assert report["rank"] == 4 and 0 <= report["relative_error"] < 1
+    pipe = _fresh(tiny_sdxl_model_dir)
+    from dreamtune.methods.custom_diffusion import CustomDiffusion
+
+    CustomDiffusion.apply_artifact(pipe, result.artifact_dir)
+    assert "custom_diffusion_0" in pipe.get_list_adapters()["unet"]
+    assert all(np.isfinite(im.astype(float)).all() for im in _images(pipe, ["a photo of <new1> dog"]))
+
+    common = dict(max_train_steps=2, train_text_encoder=True)
+    plain = train(_config(tiny_sdxl_model_dir, subject_dir, tmp_path / "plain", **common), progress=False)
+    saved = train(_config(tiny_sdxl_model_dir, subject_dir, tmp_path / "ckpt", gradient_checkpointing=True, **common),
+                  progress=False)
+    assert saved.pipeline.text_encoder_2.is_gradient_checkpointing and saved.pipeline.unet.is_gradient_checkpointing
+    np.testing.assert_allclose(plain.losses, saved.losses, rtol=1e-5)
