@@ -55,13 +55,13 @@ def numel(params) -> int:
 
 def main() -> None:
     from benchmarks.method_sizes import RUNS
-    from dreamtune.cli import _quiet_libraries
+    from dreamtune.logs import quiet_libraries
     from dreamtune.config import ConceptConfig, load_config
     from dreamtune.data.concepts import Concept
     from dreamtune.methods import Components, get_method
     from dreamtune.methods.custom_diffusion import trained_projections
 
-    _quiet_libraries()
+    quiet_libraries()
     rows = []
     for method, identifier, extra in RUNS:
         pipe = sdxl_pipeline()
