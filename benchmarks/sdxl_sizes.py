@@ -55,9 +55,9 @@ def numel(params) -> int:
 
 def main() -> None:
     from benchmarks.method_sizes import RUNS
-    from dreamtune.logs import quiet_libraries
     from dreamtune.config import ConceptConfig, load_config
     from dreamtune.data.concepts import Concept
+    from dreamtune.logs import quiet_libraries
     from dreamtune.methods import Components, get_method
     from dreamtune.methods.custom_diffusion import trained_projections
 
