@@ -23,6 +23,18 @@ def tiny_clip_text_config(hidden_size: int, **extra):
                           vocab_size=49408, max_position_embeddings=77, projection_dim=32, **extra)
 
 
+# The tiny UNet's levels, shared by the SD and SDXL tiny pipelines (they differ in conditioning only).
+TINY_UNET_LAYOUT = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+)
+
+
 def tiny_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
     """UNet (0.8M), VAE (0.7M), CLIP text encoder (1.6M), tokenizer and scheduler: a 32 px pipeline."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -30,13 +42,7 @@ def tiny_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET_LAYOUT,
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=8,
@@ -104,13 +110,7 @@ def tiny_sdxl_components(seed: int = 0, prediction_type: str = "epsilon") -> dic
     components = tiny_components(seed, prediction_type)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET_LAYOUT,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
