@@ -46,9 +46,8 @@ def test_prompted_attributes_reads_the_words_of_world_prompts():
     subject = get_subject("striped_star")
     for prompt in subject_prompts(subject):
         assert scores.prompted_attributes(prompt.format("sks", "star")) == prompt.attributes
-    assert scores.prompted_attributes("a photo of a small green sks star with white stripes on a blue background, "
-                                      "in the top left") == {"background": "blue", "size": "small",
-                                                             "position": "top left", "colour": "green"}
+    assert scores.prompted_attributes("a photo of a small green sks star with white stripes on a blue "
+                                      "background") == {"background": "blue", "size": "small", "colour": "green"}
     assert scores.prompted_attributes("a star with white stripes") == {}
 
 
@@ -64,29 +63,29 @@ def test_bootstrap_interval_holds_the_value_and_narrows_with_more_images():
     assert str(scores.Figure(0.75, 0.7, 0.8)) == "0.75 [0.70,0.80]"
 
 
-def _reading(subject, background="black", size="large", position="center", colour=None, variant=None):
-    scene = Scene(subject.cls, colour or subject.colour, background, size, position, subject.pattern, subject.colour2,
+def _reading(subject, background="black", size="large", colour=None, variant=None):
+    scene = Scene(subject.cls, colour or subject.colour, background, size, "center", subject.pattern, subject.colour2,
                   subject.variant if variant is None else variant)
     return oracle.read(render.render(scene))
 
 
 def test_score_subject_counts_identity_prompt_and_joint_success_per_image():
     subject = get_subject("striped_star")
-    wanted = [{}, {"background": "green"}, {"position": "top left"}, {"colour": "orange"}]
+    wanted = [{}, {"background": "green"}, {"size": "medium"}, {"colour": "orange"}]
     good = [[_reading(subject)] * 2,
             [_reading(subject, "green")] * 2,
-            [_reading(subject, position="top left")] * 2,
+            [_reading(subject, size="medium")] * 2,
             [_reading(subject, colour="orange")] * 2]
     plain_class = [oracle.read(render.render(Scene("star", c, "black"))) for c in ("red", "yellow", "green")]
     result = scores.score_subject(good, wanted, subject.identity(), plain_class, seed=0)
     assert result.subject_fidelity.value == 1.0 and result.joint.value == 1.0
-    assert result.prompt_fidelity.value == 1.0 and set(result.per_attribute) == {"background", "position", "colour"}
+    assert result.prompt_fidelity.value == 1.0 and set(result.per_attribute) == {"background", "size", "colour"}
     assert result.language_drift.value == 0.0 and result.diversity.value > 0
 
     # Right prompt, wrong geometry: the prompt is honoured, the subject is not there, no joint success.
     other = (subject.variant + 1) % render.NUM_VARIANTS
     moved = [[_reading(subject, variant=other)] * 2, [_reading(subject, "green", variant=other)] * 2,
-             [_reading(subject, position="top left", variant=other)] * 2,
+             [_reading(subject, size="medium", variant=other)] * 2,
              [_reading(subject, colour="orange", variant=other)] * 2]
     result = scores.score_subject(moved, wanted, subject.identity(), [_reading(subject)] * 3, seed=0)
     assert result.prompt_fidelity.value == 1.0

@@ -102,7 +102,7 @@ def register(subparsers) -> None:
     quality = commands.add_parser("quality", help="Measure a base model with the oracle on held-out prompts.",
                                   description="Samples prompts built from combinations held out of pretraining (plain "
                                   "colour-class pairs, and reserved class-pattern-colour combinations), each with a "
-                                  "background, size and position, and prints the share of images that honour each "
+                                  "background and size, and prints the share of images that honour each "
                                   "attribute with a 95%% bootstrap interval.")
     quality.add_argument("--model", default=None, help="Pipeline folder (default: the shipped model).")
     quality.add_argument("--steps", type=int, default=25, help="Sampling steps.")

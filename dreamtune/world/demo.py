@@ -246,7 +246,7 @@ img{{image-rendering:pixelated}}</style></head><body>
 <table><tr>{head}</tr>{body}</table>
 <p>Every image of a personalized prompt is scored twice. Subject fidelity: the share of the subject's
 identity (class, both colours, pattern and its geometry) it matches; subject present: all of it.
-Prompt fidelity: the share of the attributes its prompt names (background, position, size, colour; never
+Prompt fidelity: the share of the attributes its prompt names (background, size, colour; never
 the subject's class) it honours. Joint success: subject present and every named attribute honoured.
 Language drift: share of images of "{html.escape(class_prompt(subject))}" that show the subject's look
 (pattern, geometry and colours). Class diversity: chance that two of those images differ in an attribute.

@@ -146,7 +146,8 @@ def render_perturbed(scene: Scene, perturbation: Perturbation) -> np.ndarray:
 def random_scenes(seed: int, count: int, pattern_share: float = 0.6) -> list[Scene]:
     """`count` random scenes of every combination (held-out and reserved ones included), seeded."""
     rng = np.random.default_rng(seed)
-    return [render.random_scene(rng, include_held_out=True, pattern_share=pattern_share) for _ in range(count)]
+    return [render.random_scene(rng, include_held_out=True, pattern_share=pattern_share, anywhere=True)
+            for _ in range(count)]
 
 
 def perturbed_set(seed: int, count: int, strength: float = 1.0,

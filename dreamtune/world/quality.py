@@ -2,9 +2,9 @@
 
 The main check prompts for combinations held out of training, so it measures composition of words
 rather than recall of training images: plain objects in the colour-class pairs pretraining never
-drew ("a photo of a small blue triangle on a green background, in the top left"), and patterned
+drew ("a photo of a small blue triangle on a green background"), and patterned
 objects in the class-pattern-colour combinations it never drew ("... a red star with white stripes
-..."), each with a background, a size and a position. Every attribute a prompt names is scored on
+..."), each with a background and a size. Every attribute a prompt names is scored on
 every image, with a 95% bootstrap interval (prompts, then images, resampled).
 """
 
@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from . import oracle, render
-from .render import CLASSES, COLOURS, HELD_OUT, PATTERNS, POSITIONS, SIZES, describe
+from .render import CLASSES, COLOURS, HELD_OUT, PATTERNS, SIZES, describe
 
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_STEPS = 25
 DEFAULT_IMAGES_PER_PROMPT = 8
-QUALITY_ATTRIBUTES = ("class", "colour", "background", "size", "position", "pattern", "colour2")
+QUALITY_ATTRIBUTES = ("class", "colour", "background", "size", "pattern", "colour2")
 
 
 def load_base_pipeline(model_dir: str | Path | None = None):
@@ -64,21 +64,21 @@ def generate(pipe, prompts: Sequence[str], *, images_per_prompt: int = 1, seed: 
     return images
 
 
-def _layout(rng: np.random.Generator, colours: tuple[str, ...]) -> tuple[str, str, str]:
+def _layout(rng: np.random.Generator, colours: tuple[str, ...]) -> tuple[str, str]:
     background = str(rng.choice([c for c in COLOURS if c not in colours]))
-    return background, str(rng.choice(list(SIZES))), str(rng.choice(POSITIONS))
+    return background, str(rng.choice(list(SIZES)))
 
 
 def held_out_prompts(per_pair: int = 6, seed: int = 0) -> list[tuple[str, dict]]:
-    """Prompts for every held-out colour-class pair, `per_pair` of them with a seeded background, size and position."""
+    """Prompts for every held-out colour-class pair, `per_pair` of them with a seeded background and size."""
     rng = np.random.default_rng([seed, 7])
     prompts = []
     for colour, cls in HELD_OUT:
         for _ in range(per_pair):
-            background, size, position = _layout(rng, (colour,))
-            prompts.append((describe(cls, colour=colour, background=background, size=size, position=position),
+            background, size = _layout(rng, (colour,))
+            prompts.append((describe(cls, colour=colour, background=background, size=size),
                             {"class": cls, "colour": colour, "background": background, "size": size,
-                             "position": position, "pattern": "plain"}))
+                             "pattern": "plain"}))
     return prompts
 
 
@@ -102,11 +102,11 @@ def held_out_pattern_prompts(count: int = 24, seed: int = 0) -> list[tuple[str, 
         if not any(pattern_visible(Scene(cls, colour, "black", "medium", "center", pattern, colour2, k), 0.15)
                    for k in range(render.NUM_VARIANTS)):
             continue
-        background, size, position = _layout(rng, (colour, colour2))
-        prompts.append((describe(cls, colour=colour, background=background, size=size, position=position,
+        background, size = _layout(rng, (colour, colour2))
+        prompts.append((describe(cls, colour=colour, background=background, size=size,
                                  pattern=pattern, colour2=colour2),
                         {"class": cls, "colour": colour, "background": background, "size": size,
-                         "position": position, "pattern": pattern, "colour2": colour2}))
+                         "pattern": pattern, "colour2": colour2}))
         if len(prompts) == count:
             break
     return prompts
@@ -116,10 +116,9 @@ def seen_prompts(count: int = 24, seed: int = 1) -> list[tuple[str, dict]]:
     """Prompts for random colour-class-background combinations of the training distribution."""
     prompts = []
     for scene in render.iter_scenes(seed, count):
-        prompts.append((describe(scene.cls, colour=scene.colour, background=scene.background, size=scene.size,
-                                 position=scene.position),
+        prompts.append((describe(scene.cls, colour=scene.colour, background=scene.background, size=scene.size),
                         {"class": scene.cls, "colour": scene.colour, "background": scene.background,
-                         "size": scene.size, "position": scene.position, "pattern": "plain"}))
+                         "size": scene.size, "pattern": "plain"}))
     return prompts
 
 

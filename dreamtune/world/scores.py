@@ -1,12 +1,12 @@
 """Scores of a personalized model in the papers' protocol, read by the oracle, with bootstrap intervals.
 
-Personalized prompts ("a photo of a sks star on a green background, in the top left") are scored
+Personalized prompts ("a photo of a small sks star on a green background") are scored
 image by image for both things at once, the DreamBench way:
 
 - subject fidelity: the share of the subject's identity (class, colour, second colour, pattern,
   pattern geometry) the image matches; "subject present" when it matches all of it. An attribute
   the prompt itself changes (a property prompt's colour) is left out of the identity for that image.
-- prompt fidelity: the share of the attributes the prompt names (background, size, position, colour)
+- prompt fidelity: the share of the attributes the prompt names (background, size, colour)
   that the image honours, per attribute and overall. The subject's own class is never counted: it is
   the subject's, not the prompt's.
 - joint success: the share of images with the subject present and every named attribute honoured.
@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import oracle
-from .render import COLOURS, POSITION_PHRASES, SIZES
+from .render import COLOURS, SIZES
 
-PROMPT_ATTRIBUTES = ("background", "size", "position", "colour")
+# Position is not in the world's vocabulary (render.CAPTION_KEEP): no prompt names a place.
+PROMPT_ATTRIBUTES = ("background", "size", "colour")
 BOOTSTRAP_SAMPLES = 1000
 CONFIDENCE = 0.95
 
@@ -81,19 +82,14 @@ _SIZE_WORDS = "|".join(SIZES)
 def prompted_attributes(text: str) -> dict:
     """The attributes a shapes-world prompt names, read from its words (the class is left out).
 
-    "a photo of a small green sks star on a blue background, in the top left" gives
-    {"background": "blue", "size": "small", "position": "top left", "colour": "green"}.
+    "a photo of a small green sks star on a blue background" gives
+    {"background": "blue", "size": "small", "colour": "green"}.
     """
     wanted: dict = {}
     match = _BACKGROUND.search(text)
     if match and match.group(1) in COLOURS:
         wanted["background"] = match.group(1)
         text = text[:match.start()] + text[match.end():]
-    for position, phrase in sorted(POSITION_PHRASES.items(), key=lambda item: -len(item[1])):
-        if phrase in text:
-            wanted["position"] = position
-            text = text.replace(phrase, "")
-            break
     # Size and colour stand before the noun phrase's last words ("a small green sks star").
     words = re.sub(r"[^a-z ]", " ", text.lower()).split()
     for word in words:

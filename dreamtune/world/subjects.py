@@ -59,12 +59,13 @@ class Subject:
                 "variant": self.variant}
 
     def reference_scenes(self) -> list[Scene]:
-        """The subject's reference images: varied positions, sizes and backgrounds, seeded by name."""
+        """The subject's reference images: varied sizes and backgrounds, seeded by name (always centred:
+        position is not in the world's vocabulary)."""
         rng = np.random.default_rng([sum(self.name.encode()), len(self.name)])
         backgrounds = list(self.backgrounds())
         rng.shuffle(backgrounds)
-        layout = [("large", "center"), ("medium", "top left"), ("large", "right"), ("medium", "bottom"),
-                  ("medium", "center"), ("large", "left")]
+        layout = [("large", "center"), ("medium", "center"), ("large", "center"), ("medium", "center"),
+                  ("medium", "center"), ("large", "center")]
         scenes = []
         for i in range(self.num_references):
             size, position = layout[i % len(layout)]
@@ -177,7 +178,7 @@ class SubjectPrompt:
     """One evaluation prompt: a template with {identifier} and {class_noun}, and the attributes it asks for."""
 
     template: str
-    kind: str  # "recontextualisation", "position", "size" or "property"
+    kind: str  # "recontextualisation", "size" or "property"
     attributes: dict = field(default_factory=dict)
 
     def format(self, identifier: str, class_noun: str) -> str:
@@ -195,25 +196,23 @@ def _template(background=None, size=None, position=None, colour=None, prefix="a 
 
 
 def subject_prompts(subject: str | Subject) -> list[SubjectPrompt]:
-    """DreamBench-style prompts for a subject: backgrounds, positions, sizes and property changes.
+    """DreamBench-style prompts for a subject: backgrounds, sizes and property changes.
 
-    Each carries the ground truth the oracle checks: the background, size, position or colour it
-    asks for (the class is always the subject's).
+    Each carries the ground truth the oracle checks: the background, size or colour it asks for
+    (the class is always the subject's).
     """
     subject = get_subject(subject) if isinstance(subject, str) else subject
     prompts = [SubjectPrompt(_template(), "recontextualisation", {})]
     for background in subject.backgrounds():
         prompts.append(SubjectPrompt(_template(background=background), "recontextualisation",
                                      {"background": background}))
-    for position in ("top left", "top right", "bottom left", "bottom right", "left", "right"):
-        prompts.append(SubjectPrompt(_template(position=position), "position", {"position": position}))
     for size in ("small", "large"):
         prompts.append(SubjectPrompt(_template(size=size), "size", {"size": size}))
     backgrounds = subject.backgrounds()
-    for i, position in enumerate(("top left", "bottom right")):
-        background = backgrounds[(i * 2) % len(backgrounds)]
-        prompts.append(SubjectPrompt(_template(background=background, position=position), "recontextualisation",
-                                     {"background": background, "position": position}))
+    for i, size in enumerate(("small", "large", "small", "large", "medium", "medium")):
+        background = backgrounds[(i * 2 + 1) % len(backgrounds)]
+        prompts.append(SubjectPrompt(_template(background=background, size=size), "recontextualisation",
+                                     {"background": background, "size": size}))
     others = [c for c in COLOURS if c not in (subject.colour, subject.colour2, "black")]
     for colour in others[:3]:
         prompts.append(SubjectPrompt(_template(colour=colour), "property", {"colour": colour}))
