@@ -252,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dreamtune: error: {fault}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("dreamtune: interrupted; a run continues with `dreamtune train ... --resume latest`.", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # TrainingStopped says where its checkpoint is; a bare Ctrl-C (outside the steps) says nothing.
+        print(f"dreamtune: {str(e) or 'interrupted; a run continues with `dreamtune train ... --resume latest`.'}",
+              file=sys.stderr)
         return 130
 
 

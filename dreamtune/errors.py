@@ -23,6 +23,13 @@ class TrainingDiverged(DreamtuneError):
     """The loss became NaN or infinite."""
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """Training was asked to stop (Ctrl-C, SIGTERM) and wrote a checkpoint first; the message names it.
+
+    A KeyboardInterrupt, so that code which treats Ctrl-C as the end of the work still does.
+    """
+
+
 def first_line(error: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type name when empty), for a one-line error."""
     text = str(error).strip()

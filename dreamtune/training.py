@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -35,7 +37,7 @@ from .config import TrainConfig, config_to_toml
 from .data.concepts import load_concept
 from .data.dataset import Example, TrainData, keyed_generator
 from .data.priors import default_class_dir, generate_class_images, has_captions, load_class_images
-from .errors import ConfigError, TrainingDiverged
+from .errors import ConfigError, TrainingDiverged, TrainingStopped
 from .families import PromptEmbeds, tokenize
 from .io import write_text
 from .logs import MetricsLog
@@ -256,6 +258,8 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: str | None = 
     same weights as an uninterrupted run. A resume whose config changes the result is refused unless
     `resume_with_changes`; `--resume latest` on a finished run changes nothing. One process at a time
     may write a run folder (an OS lock). Runs unchanged under `accelerate launch` and `torchrun`.
+    Ctrl-C (or SIGTERM) during the steps ends the current step, writes a checkpoint and raises
+    TrainingStopped; a second one stops at once.
     """
     output_dir = Path(config.output_dir).expanduser()
     check_train_config(config)
@@ -279,32 +283,88 @@ def step_loop(run: Run, *, progress: bool) -> list[float]:
     bar = tqdm(range(run.start_step, config.max_train_steps), initial=run.start_step, total=config.max_train_steps,
                desc=config.method, disable=not (progress and run.main))
     loop_start = time.perf_counter()
-    for step in bar:
-        t0 = time.perf_counter()
-        step_loss = forward_backward(run, step)
-        if config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        run.method.after_step(run.components)
-        global_step = step + 1
-        losses.append(step_loss[0].item())
-        if run.main and (global_step % config.logging_steps == 0 or global_step == config.max_train_steps):
-            log_step(run, global_step, step_loss, step_time=time.perf_counter() - t0,
-                     wall_time=time.perf_counter() - loop_start)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if _every(config.checkpointing_steps, global_step, config.max_train_steps):
-            if run.main:
-                save_checkpoint(run.output_dir, global_step, run.method, run.components, optimizer, lr_scheduler)
-                prune_checkpoints(run.output_dir, config.checkpoints_total_limit)
-            accelerator.wait_for_everyone()
-        if _every(config.validation_steps, global_step, config.max_train_steps):
-            if run.main:
-                run_validation(run.components, run.validation_prompts, config, run.output_dir, global_step, accelerator)
-            accelerator.wait_for_everyone()
+    with StopRequest() as stop:
+        for step in bar:
+            t0 = time.perf_counter()
+            step_loss = forward_backward(run, step)
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.method.after_step(run.components)
+            global_step = step + 1
+            losses.append(step_loss[0].item())
+            if run.main and (global_step % config.logging_steps == 0 or global_step == config.max_train_steps):
+                log_step(run, global_step, step_loss, step_time=time.perf_counter() - t0,
+                         wall_time=time.perf_counter() - loop_start)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            checkpointed = _every(config.checkpointing_steps, global_step, config.max_train_steps)
+            if checkpointed:
+                write_checkpoint(run, global_step)
+            if _every(config.validation_steps, global_step, config.max_train_steps):
+                if run.main:
+                    run_validation(run.components, run.validation_prompts, config, run.output_dir, global_step,
+                                   accelerator)
+                accelerator.wait_for_everyone()
+            # Checked once the step's own checkpoint and grid are written, so a resumed run repeats nothing.
+            if global_step < config.max_train_steps and stop.requested_anywhere(accelerator):
+                bar.close()
+                stop_at(run, global_step, checkpointed=checkpointed)
     bar.close()
     return losses
+
+
+def write_checkpoint(run: Run, step: int) -> None:
+    """Save checkpoint-`step` (main process) and prune old ones to checkpoints_total_limit."""
+    if run.main:
+        save_checkpoint(run.output_dir, step, run.method, run.components, run.optimizer, run.lr_scheduler)
+        prune_checkpoints(run.output_dir, run.config.checkpoints_total_limit)
+    run.accelerator.wait_for_everyone()
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM during the step loop: finish the step, write a checkpoint, then stop.
+
+    A second signal stops at once, as Ctrl-C usually does. Handlers can only be set from the main
+    thread; elsewhere (a notebook's worker, a UI thread) signals keep their usual meaning.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("stopping: the current step ends and a checkpoint is written (a second Ctrl-C stops at once)")
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested_anywhere(self, accelerator) -> bool:
+        """Whether any process was asked to stop: a signal may reach one process only, and all stop together."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def stop_at(run: Run, step: int, *, checkpointed: bool) -> None:
+    """Write checkpoint-`step` (unless this step already did) and raise TrainingStopped naming it."""
+    if not checkpointed:
+        write_checkpoint(run, step)
+    checkpoint = run.output_dir / "checkpoints" / f"checkpoint-{step}"
+    raise TrainingStopped(f"stopped at step {step} of {run.config.max_train_steps}; checkpoint {checkpoint}. "
+                          "Continue with `dreamtune train ... --resume latest`.")
 
 
 def _every(interval: int, step: int, last: int) -> bool:

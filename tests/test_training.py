@@ -152,3 +152,61 @@ def test_run_folder_contents(make_config):
     info = read_artifact(out)
     assert (info.method, info.base_model, info.tokens) == ("dreambooth", config.pretrained_model_name_or_path, ["sks"])
     assert info.version
+
+
+def _signal_after_step(monkeypatch, step: int, *signals):
+    """Send `signals` to this process once step `step` is logged, as Ctrl-C or the UI's Stop would."""
+    import os
+
+    import dreamtune.training as training
+
+    real_log_step = training.log_step
+
+    def log_then_signal(run, global_step, *args, **kwargs):
+        real_log_step(run, global_step, *args, **kwargs)
+        if global_step == step:
+            for sig in signals:
+                os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(training, "log_step", log_then_signal)
+    return real_log_step
+
+
+def test_stop_writes_a_checkpoint_and_resume_ends_as_an_uninterrupted_run(make_config, tmp_path, monkeypatch):
+    """Ctrl-C during training: the step ends (its grid too), a checkpoint is written, resume finishes the same."""
+    import signal
+
+    from dreamtune.errors import TrainingStopped
+
+    options = dict(max_train_steps=6, checkpointing_steps=0, validation_steps=2)
+    config = make_config(output_dir=str(tmp_path / "stopped"), **options)
+    real_log_step = _signal_after_step(monkeypatch, 2, signal.SIGINT)
+    with pytest.raises(TrainingStopped, match="--resume latest") as stopped:
+        train(config, progress=False)
+    assert "stopped at step 2 of 6" in str(stopped.value)
+    assert [p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()] == ["checkpoint-2"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.setattr("dreamtune.training.log_step", real_log_step)
+
+    train(config, resume="latest", progress=False)
+    train(make_config(output_dir=str(tmp_path / "straight"), **options), progress=False)
+    runs = [tmp_path / run for run in ("stopped", "straight")]
+    weights = [load_file(run / "artifact" / "unet" / "diffusion_pytorch_model.safetensors") for run in runs]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    grids = [sorted(p.name for p in (run / "samples").glob("step-*.png")) for run in runs]
+    assert grids[0] == grids[1] and "step-000002.png" in grids[0]
+
+
+def test_a_second_signal_stops_at_once_without_a_checkpoint(make_config, tmp_path, monkeypatch):
+    import signal
+
+    from dreamtune.errors import TrainingStopped
+
+    config = make_config(output_dir=str(tmp_path / "run"), max_train_steps=4, checkpointing_steps=0)
+    _signal_after_step(monkeypatch, 1, signal.SIGTERM, signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train(config, progress=False)
+    assert not isinstance(stopped.value, TrainingStopped)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

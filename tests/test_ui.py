@@ -157,6 +157,35 @@ def test_compare_scores_world_runs_with_the_demo_oracle(tmp_path):
                      round(r.class_diversity, 2)] for r in expected]
 
 
+@pytest.mark.slow
+def test_stop_writes_a_checkpoint_and_resume_finishes(server, subject_files):
+    from gradio_client import handle_file
+
+    client, root = server
+    message, command, current = client.predict(
+        name="star-stop", files=[handle_file(f) for f in subject_files], method="lora", class_noun="star",
+        steps=60, learning_rate=1e-4, checkpointing_steps=0, validation_steps=0, num_validation_images=1,
+        validation_inference_steps=2, api_name="/start")
+    assert current == "star-stop", message
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while len(R.read_metrics(root / "star-stop")) < 2:
+        assert time.monotonic() < deadline, client.predict("star-stop", api_name="/poll")[4]
+        time.sleep(0.5)
+    stopping = client.predict("star-stop", api_name="/stop")
+    assert "writes a checkpoint and stops" in stopping, stopping
+    assert "stopped" in wait_until_done(client, "star-stop")
+    step = len(R.read_metrics(root / "star-stop"))
+    assert (root / "star-stop" / "checkpoints" / f"checkpoint-{step}").is_dir()
+    assert f"stopped at step {step} of 60" in client.predict("star-stop", api_name="/poll")[4]
+    summary = client.predict("star-stop", api_name="/run_details")[0]
+    assert summary.startswith(f"stopped: step {step}/60") and command in summary
+
+    message, resumed = client.predict("star-stop", api_name="/resume")
+    assert resumed == command + " --resume latest", message
+    assert "finished" in wait_until_done(client, "star-stop")
+    assert len(R.read_metrics(root / "star-stop")) == 60
+
+
 def test_bad_input_is_one_line_and_uploads_are_kept(server, subject_files, tmp_path):
     from gradio_client import handle_file
 
@@ -231,9 +260,13 @@ def test_run_status_from_the_folder_and_the_job_record(tmp_path):
     R.jobs_dir(root).mkdir(parents=True)
     (R.jobs_dir(root) / "broken.json").write_text(json.dumps({"pid": 2 ** 22 + 7, "argv": []}))
     (R.jobs_dir(root) / "broken.log").write_text("loading\ndreamtune: error: concepts[0].instance_data_dir: no images\n")
+    # Stopped by Ctrl-C or SIGTERM sent from a terminal rather than the Stop button: stopped, not failed.
+    (R.jobs_dir(root) / "interrupted.json").write_text(json.dumps({"pid": 2 ** 22 + 8, "argv": []}))
+    (R.jobs_dir(root) / "interrupted.log").write_text(
+        "dreamtune: stopped at step 3 of 9; checkpoint runs/interrupted/checkpoints/checkpoint-3. Continue ...\n")
     (root / "uploads" / "x").mkdir(parents=True)  # not a run
     statuses = {i.name: (i.status, i.error) for i in R.list_runs(root)}
-    assert statuses == {"done": ("finished", ""), "half": ("stopped", ""),
+    assert statuses == {"done": ("finished", ""), "half": ("stopped", ""), "interrupted": ("stopped", ""),
                         "broken": ("failed", "concepts[0].instance_data_dir: no images")}
 
 

@@ -127,8 +127,8 @@ class Face:
             raise DreamtuneError("no run selected.")
         if not self.jobs.stop(name):
             return _message(f"run '{name}' is not running.", "warn")
-        return _message(f"Stopping run '{name}' (as Ctrl-C does); Resume continues from its last checkpoint "
-                        "(checkpointing_steps in the Advanced panel sets how often one is written).", "ok")
+        return _message(f"Stopping run '{name}': it finishes the current step, writes a checkpoint and stops; "
+                        "Resume continues from there.", "ok")
 
     def resume(self, name: str) -> tuple[str, str]:
         if not name:
@@ -277,10 +277,13 @@ class Face:
         return [[i.name, i.status, i.method, f"{i.step}/{i.total}", i.error] for i in R.list_runs(self.root)]
 
     def run_details(self, name: str):
-        """(config text, loss plot path or None) of a run."""
+        """(summary: progress, error and command; config text; loss plot path or None) of a run."""
         if not name:
-            return "", None
+            return "", "", None
         info = R.run_info(self.root, name)
+        summary = R.progress_text(info) + (f"; error: {info.error}" if info.error else "")
+        if info.command:
+            summary += f"\n\n`{info.command}`"
         plot = info.path / "logs" / "loss.png"
         if not plot.is_file() and info.metrics:
             from ..logs import line_plot
@@ -288,7 +291,7 @@ class Face:
             plot = self.root / R.UI_DIR / "plots" / f"{name}.png"
             plot.parent.mkdir(parents=True, exist_ok=True)
             line_plot([r["step"] for r in info.metrics], [r["loss"] for r in info.metrics], "loss").save(plot)
-        return info.config_text, str(plot) if plot.is_file() else None
+        return summary, info.config_text, str(plot) if plot.is_file() else None
 
     def export(self, name: str, fmt: str) -> tuple[str, str | None]:
         from ..artifacts import read_artifact
@@ -507,6 +510,7 @@ def build(root: str | Path = "runs", base: str | None = None):
                     export_single = gr.Button("Export single file")
                     export_kohya = gr.Button("Export kohya LoRA")
                 runs_msg = gr.Markdown()
+                run_summary = gr.Markdown(elem_id="dt-run-summary")
                 export_file = gr.File(label="exported file")
                 with gr.Row():
                     config_view = gr.Code(label="config.toml", language=None, interactive=False, elem_id="dt-config")
@@ -526,7 +530,8 @@ def build(root: str | Path = "runs", base: str | None = None):
                             gr.update(choices=finished))
 
                 refresh.click(on_refresh, None, [runs_table, selected, merge_a, merge_b], api_name="runs")
-                selected.change(face.run_details, [selected], [config_view, loss_image], api_name="run_details")
+                selected.change(face.run_details, [selected], [run_summary, config_view, loss_image],
+                                api_name="run_details")
                 runs_stop.click(_guarded(face.stop, 1), [selected], [runs_msg], api_name=False)
                 runs_resume.click(_guarded(lambda n: face.resume(n)[0], 1), [selected], [runs_msg], api_name=False)
                 export_single.click(_guarded(lambda n: face.export(n, "single-file"), 2), [selected],

@@ -27,6 +27,8 @@ UI_DIR = ".dreamtune-ui"
 UPLOADS = "uploads"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RUN_MARKERS = ("config.toml", "checkpoints", "artifact")
+# How `dreamtune train` ends when asked to stop (training.TrainingStopped): not a failure.
+STOPPED_LINE = "stopped at step "
 
 
 def jobs_dir(root: Path) -> Path:
@@ -150,8 +152,8 @@ def run_info(root: Path, name: str) -> RunInfo:
     elif (path / "artifact" / "dreamtune.json").is_file():
         info.status = "finished"
         info.step = info.total or info.step
-    elif job.get("pid") and job.get("stop_requested"):
-        info.status = "stopped"
+    elif job.get("pid") and (job.get("stop_requested") or last_error(log).startswith(STOPPED_LINE)):
+        info.status = "stopped"  # by the Stop button, or by Ctrl-C / SIGTERM sent from elsewhere
     elif job.get("pid") and last_error(log):
         info.status, info.error = "failed", last_error(log)
     elif (path / "checkpoints").is_dir() or values:
