@@ -8,19 +8,22 @@ reuses images already rendered). At the end it prints DreamBooth's Table 1 layou
 CLIP-I / CLIP-T, means over subjects, with a "Real images" row) and writes `table.md`,
 `cells.csv` (every cell) and `summary.json`.
 
-A spec (paths relative to the spec file):
+A spec is a TOML file (paths relative to it). examples/bench-dreambench.toml shows and explains every
+key; examples/bench-world.toml runs the shapes world offline, scored by its oracle. In short:
 
     output_dir = "bench"                          # default: <spec name>-bench beside the spec
     pretrained_model_name_or_path = "path/or/hub-id"
     dataset = "dreambooth/dataset"                # google/dreambooth layout: <subject>/*.jpg + prompts_and_classes.txt
     subjects = ["dog", "backpack"]                # optional: a subset of the dataset's subjects
-    prompts = "dataset"                           # "dataset" (its prompt lists), "dreambench" (built-in) or a file
+    prompts = "dataset"                           # "dataset", "dreambench" (built-in), "world" or a file
     num_prompts = 25                              # fewer for a quick run (spread over the list)
     images_per_prompt = 4
     seed = 0
     steps = 50                                    # sampling steps (default: the run's validation steps)
     guidance = 7.5
-    scorers = ["my_package.module:score"]         # extra scorers, see `register_scorer`
+    sample_batch_size = 8                         # images rendered per batch
+    real_min_images = 2                           # real images a subject needs for its "Real images" row
+    scorers = ["world", "my_package.module:score"]  # extra scorers, see `register_scorer`
 
     [train]                                       # options of every cell (any TrainConfig option)
     resolution = 512
@@ -34,8 +37,11 @@ A spec (paths relative to the spec file):
     name = "teapot"
     images = "photos/teapot"
     class_noun = "teapot"
+    [[subject]]
+    world = "striped_star"                        # a shapes-world subject: images, class and prompts come with it
 
     [metrics]
+    embeddings = true                             # false: no DINO/CLIP at all; the scorers' figures only
     dino_model = "facebook/dino-vits16"
     clip_model = "openai/clip-vit-base-patch32"
     offline = false
@@ -54,7 +60,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,13 +87,20 @@ TABLE_METRICS = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"))
 SPEC_KEYS = {"output_dir", "pretrained_model_name_or_path", "dataset", "subjects", "subject", "prompts", "num_prompts",
              "images_per_prompt", "seed", "steps", "guidance", "scorers", "train", "methods", "metrics", "real_min_images",
              "sample_batch_size"}
-METRIC_KEYS = {"dino_model", "clip_model", "offline", "device", "pres", "kid", "kid_features", "kid_model", "batch_size"}
+METRIC_KEYS = {"embeddings", "dino_model", "clip_model", "offline", "device", "pres", "kid", "kid_features", "kid_model",
+               "batch_size"}
+# Scorers that ship with dreamtune, imported only when a spec names them (the library does not import the world).
+BUILTIN_SCORERS = {"world": "dreamtune.world.bench:world_scorer"}
+SUBJECT_KEYS = ("name", "images", "class_noun", "live", "prompts", "world")
 
 
 def register_scorer(name: str, fn: Scorer | None = None):
     """Register an extra scorer under `name` (usable as a decorator); a spec lists it in `scorers`.
 
-    A scorer is `fn(images, prompts, subject) -> dict[str, float]`. Specs may also name one as
+    A scorer is `fn(images, prompts, subject) -> dict[str, float]`: a cell's images in prompt order
+    (`images_per_prompt` consecutive images per prompt). A key "x" with "x_low"/"x_high" beside it is
+    printed as a figure with its interval. The table shows every key but those, unless the function
+    has a `table_columns` attribute ({key: title}). Specs may also name one as
     'package.module:function' without registering it.
     """
     def add(f: Scorer) -> Scorer:
@@ -101,13 +114,13 @@ def get_scorer(name: str) -> Scorer:
     """A registered scorer, or one given as 'package.module:function'."""
     if name in SCORERS:
         return SCORERS[name]
-    if ":" in name:
-        module_name, attr = name.split(":", 1)
+    if name in BUILTIN_SCORERS or ":" in name:
+        module_name, attr = BUILTIN_SCORERS.get(name, name).split(":", 1)
         try:
             return getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"scorers: cannot import '{name}' ({e}).") from None
-    known = ", ".join(sorted(SCORERS)) or "none registered"
+    known = ", ".join(sorted({*SCORERS, *BUILTIN_SCORERS}))
     raise ConfigError(f"scorers: unknown scorer '{name}' ({known}); name one as 'package.module:function'.")
 
 
@@ -120,6 +133,8 @@ class BenchSubject:
     images_dir: Path
     live: bool
     prompts: list[EvalPrompt] = field(default_factory=list)
+    #: A shapes-world subject's name: its reference images are written into images_dir when the bench runs.
+    world: str | None = None
 
 
 @dataclass
@@ -153,7 +168,13 @@ def _spread(items: list, n: int | None) -> list:
     return [items[round(i * len(items) / n)] for i in range(n)]
 
 
-def _subject_prompts(source: str, live: bool, dataset_file, base: Path, where: str) -> list[EvalPrompt]:
+def _subject_prompts(source: str, live: bool, dataset_file, base: Path, where: str, world: str | None = None) -> list[EvalPrompt]:
+    if source == "world":
+        if not world:
+            raise ConfigError(f"{where}: prompts = \"world\" is for shapes-world subjects ([[subject]] world = NAME).")
+        from ..world.bench import eval_prompts
+
+        return eval_prompts(world)
     if source == "dataset":
         if dataset_file is None:
             return builtin_prompts(live)
@@ -233,9 +254,12 @@ def load_spec(spec: str | Path | dict, base_dir: str | Path | None = None) -> Be
         raise ConfigError(f"{where}: 'subjects' picks from a dataset; set 'dataset' or describe each one in a [[subject]] table.")
     for i, entry in enumerate(data.get("subject", [])):
         w = f"{where}: subject[{i}]"
-        extra = sorted(set(entry) - {"name", "images", "class_noun", "live", "prompts"})
+        extra = sorted(set(entry) - set(SUBJECT_KEYS))
         if extra:
-            raise ConfigError(f"{w}: unknown key '{extra[0]}' (use name, images, class_noun, live, prompts).")
+            raise ConfigError(f"{w}: unknown key '{extra[0]}' (use {', '.join(SUBJECT_KEYS)}).")
+        if entry.get("world"):
+            subjects.append(_world_subject(entry, data, base, output_dir, w))
+            continue
         if not entry.get("images") or not entry.get("class_noun"):
             raise ConfigError(f"{w}: needs 'images' (a folder) and 'class_noun'.")
         images_dir = _resolve(base, str(entry["images"]))
@@ -272,6 +296,13 @@ def load_spec(spec: str | Path | dict, base_dir: str | Path | None = None) -> Be
     bad = sorted(set(metrics) - METRIC_KEYS)
     if bad:
         raise ConfigError(f"{where}: [metrics] unknown key '{bad[0]}'; known: {', '.join(sorted(METRIC_KEYS))}.")
+    if not metrics.get("embeddings", True):
+        on = [k for k in ("pres", "kid") if metrics.get(k)]
+        if on:
+            raise ConfigError(f"{where}: [metrics] {on[0]} = true needs the embedding models; set embeddings = true or {on[0]} = false.")
+        if not data.get("scorers"):
+            raise ConfigError(f"{where}: [metrics] embeddings = false leaves nothing to measure; name scorers "
+                              "(scorers = [\"world\"] for shapes-world subjects) or set embeddings = true.")
     for key in ("dino_model", "clip_model", "kid_model"):
         value = metrics.get(key)
         if value and (str(value).startswith((".", "~")) or (base / str(value)).exists()):
@@ -290,8 +321,36 @@ def load_spec(spec: str | Path | dict, base_dir: str | Path | None = None) -> Be
                      sample_batch_size=int(data.get("sample_batch_size", 8)))
 
 
+def _world_subject(entry: dict, data: dict, base: Path, output_dir: Path, where: str) -> BenchSubject:
+    """A [[subject]] table with `world = NAME`: the world writes its images; its class and prompts come with it."""
+    from ..world.bench import world_subject
+
+    name = str(entry["world"])
+    clash = [k for k in ("images", "class_noun", "live") if k in entry]
+    if clash:
+        raise ConfigError(f"{where}: a world subject brings its own images and class; drop '{clash[0]}'.")
+    subject = world_subject(name, where)
+    label = str(entry.get("name") or name)
+    source = str(entry.get("prompts") or data.get("prompts") or "world")
+    prompts = _subject_prompts(source, False, None, base, where, world=name)
+    return BenchSubject(label, subject.class_noun, output_dir / "subjects" / label, False, prompts, world=name)
+
+
+def prepare_subjects(spec: BenchSpec) -> None:
+    """Write the world subjects' reference images into the output folder (kept when already there)."""
+    for subject in spec.subjects:
+        if subject.world:
+            from ..world.bench import write_references
+
+            write_references(subject.world, subject.images_dir)
+
+
 def cell_config(spec: BenchSpec, subject: BenchSubject, label: str, run_dir: Path):
-    """The TrainConfig of one cell: [train], then the method's table, then the subject."""
+    """The TrainConfig of one cell: [train], then the method's table, then the subject.
+
+    `class_data_dir = "world"` gives a world subject's cell the world's real images of its class
+    (captioned scenes, as `dreamtune world compare` gives Custom Diffusion), written once per class.
+    """
     from ..config import ConceptConfig, TrainConfig, config_from_dict
     from ..methods import get_method, method_names
 
@@ -304,7 +363,19 @@ def cell_config(spec: BenchSpec, subject: BenchSubject, label: str, run_dir: Pat
     values = {k: v for k, v in options.items() if k not in concept_keys}
     values.update(pretrained_model_name_or_path=spec.base_model, method=method, output_dir=str(run_dir), concepts=[concept])
     values.setdefault("seed", spec.seed)
-    return config_from_dict(values, where=f"{spec.path or 'bench spec'}: methods.{label}")
+    config = config_from_dict(values, where=f"{spec.path or 'bench spec'}: methods.{label}")
+    concept = config.concepts[0]
+    if concept.class_data_dir == "world":
+        if not subject.world:
+            raise ConfigError(f"{spec.path or 'bench spec'}: methods.{label}: class_data_dir = \"world\" is for "
+                              f"shapes-world subjects; '{subject.name}' is not one.")
+        concept.class_data_dir = ""  # without prior preservation no class image is read: none is written
+        if config.with_prior_preservation:
+            from ..world.bench import real_class_images
+
+            folder = spec.output_dir / "world_class_images" / subject.class_noun
+            concept.class_data_dir = str(real_class_images(subject.class_noun, folder, seed=spec.seed))
+    return config
 
 
 def _hash(obj: Any) -> str:
@@ -361,7 +432,7 @@ def run_cell(spec: BenchSpec, subject: BenchSubject, label: str, models, *, prog
         pres=bool(spec.metrics.get("pres", False)), kid=bool(spec.metrics.get("kid", False)),
         kid_features=str(spec.metrics.get("kid_features", "auto")), kid_model=spec.metrics.get("kid_model"),
         offline=bool(spec.metrics.get("offline", False)), device=spec.metrics.get("device"),
-        batch_size=spec.sample_batch_size, progress=progress,
+        batch_size=spec.sample_batch_size, progress=progress, embeddings=uses_embeddings(spec),
     )
     row = {"subject": subject.name, "class_noun": subject.class_noun, "live": subject.live, "method": label,
            "method_name": config.method, **{k: v for k, v in eval_result["summary"].items()}}
@@ -427,8 +498,29 @@ def real_row(spec: BenchSpec, subject: BenchSubject, models) -> dict | None:
     return row
 
 
-def table_rows(cells: list[dict], real: list[dict], method_order: list[str]) -> list[dict]:
-    """Table 1: one row per method (plus 'Real images'), each metric averaged over subjects."""
+def uses_embeddings(spec: BenchSpec) -> bool:
+    """Whether the bench loads DINO and CLIP ([metrics] embeddings, on unless set false)."""
+    return bool(spec.metrics.get("embeddings", True))
+
+
+def scorer_columns(spec: BenchSpec, cells: list[dict]) -> list[tuple[str, str]]:
+    """The (key, title) columns the tables give the spec's scorers: each one's `table_columns`, else all its keys."""
+    columns = []
+    for name in spec.scorers:
+        chosen = getattr(get_scorer(name), "table_columns", None)
+        if chosen is None:
+            keys = sorted({k.split(".", 1)[1] for c in cells for k in c if k.startswith(f"{name}.")})
+            chosen = {k: k for k in keys if not k.endswith(("_low", "_high"))}
+        columns += [(f"{name}.{key}", title) for key, title in chosen.items()]
+    return columns
+
+
+def table_rows(cells: list[dict], real: list[dict], method_order: list[str], extra_keys: Sequence[str] = ()) -> list[dict]:
+    """Table 1: one row per method (plus 'Real images'), each metric averaged over subjects.
+
+    `extra_keys` (scorers' figures) are averaged too; a method with one subject keeps that
+    subject's interval (key_low, key_high) where the scorer gave one.
+    """
     import numpy as np
 
     rows = []
@@ -438,11 +530,46 @@ def table_rows(cells: list[dict], real: list[dict], method_order: list[str]) -> 
         if not members:
             continue
         row = {"method": name, "subjects": len(members)}
-        for key, _ in TABLE_METRICS:
+        for key in [k for k, _ in TABLE_METRICS] + list(extra_keys):
             values = [m[key] for m in members if m.get(key) is not None]
             row[key] = float(np.mean(values)) if values else None
+            if len(members) == 1 and key in extra_keys:
+                row.update({f"{key}_{end}": members[0].get(f"{key}_{end}") for end in ("low", "high")})
         rows.append(row)
     return rows
+
+
+def _with_intervals(rows: list[dict], keys: list[str]) -> list[dict]:
+    """Rows for printing: a figure with both ends of its interval reads "0.75 [0.70,0.80]"."""
+    out = []
+    for row in rows:
+        shown = dict(row)
+        for key in keys:
+            value, low, high = row.get(key), row.get(f"{key}_low"), row.get(f"{key}_high")
+            if value is not None and low is not None and high is not None:
+                shown[key] = f"{value:.2f} [{low:.2f},{high:.2f}]"
+        out.append(shown)
+    return out
+
+
+def _tables(spec: BenchSpec, rows: list[dict], cells: list[dict], extra: list[tuple[str, str]]) -> tuple[str, str]:
+    """The tables as (plain text, markdown): Table 1, then per subject when scorers gave intervals."""
+    keys = [k for k, _ in extra]
+    columns = [("method", "Method")] + (list(TABLE_METRICS) if uses_embeddings(spec) else []) + extra + [("subjects", "Subjects")]
+    shown = _with_intervals(rows, keys)
+    text, markdown = text_table(shown, columns), markdown_table(shown, columns)
+    if len(spec.subjects) > 1 and any(c.get(f"{k}_low") is not None for c in cells for k in keys):
+        per = [("subject", "Subject"), ("method", "Method")] + extra
+        shown = _with_intervals(cells, keys)
+        title = "Per subject (95% bootstrap intervals)"
+        text += f"\n{title}\n" + text_table(shown, per)
+        markdown += f"\n{title}:\n\n" + markdown_table(shown, per)
+    if not uses_embeddings(spec):
+        note = (f"DINO, CLIP-I and CLIP-T: not computed ([metrics] embeddings = false); the figures above are the "
+                f"scorers' ({', '.join(spec.scorers)}), every key in cells.csv.")
+        text += note + "\n"
+        markdown += "\n" + note + "\n"
+    return text, markdown
 
 
 def run_bench(spec: str | Path | dict | BenchSpec, *, scorers: dict[str, Scorer] | None = None, models=None,
@@ -450,8 +577,9 @@ def run_bench(spec: str | Path | dict | BenchSpec, *, scorers: dict[str, Scorer]
     """Run (or resume) a bench; returns {'table', 'cells', 'real', 'output_dir', 'timing'}.
 
     `scorers` registers extra scorers for this call (names a spec lists). `models` reuses loaded
-    DINO/CLIP models (`ScoringModels`). `max_cells` stops after that many cells were computed now
-    (the rest are done by the next call). Finished cells are read back, not recomputed.
+    DINO/CLIP models (`ScoringModels`); none are loaded when the spec sets [metrics] embeddings =
+    false. `max_cells` stops after that many cells were computed now (the rest are done by the next
+    call). Finished cells are read back, not recomputed.
     """
     from tqdm.auto import tqdm
 
@@ -463,8 +591,10 @@ def run_bench(spec: str | Path | dict | BenchSpec, *, scorers: dict[str, Scorer]
         spec = load_spec(spec)
     t_start = time.perf_counter()
     spec.output_dir.mkdir(parents=True, exist_ok=True)
+    prepare_subjects(spec)
     metrics = spec.metrics
-    if models is None:
+    embeddings = uses_embeddings(spec)
+    if models is None and embeddings:
         models = ScoringModels.load(metrics.get("dino_model"), metrics.get("clip_model"), offline=bool(metrics.get("offline", False)),
                                     device=metrics.get("device"), batch_size=int(metrics.get("batch_size", 32)))
     labels = list(spec.methods)
@@ -486,12 +616,14 @@ def run_bench(spec: str | Path | dict | BenchSpec, *, scorers: dict[str, Scorer]
         cells.append(run_cell(spec, subject, label, models, progress=progress))
         computed += 1
     bar.close()
-    real = [r for r in (real_row(spec, s, models) for s in spec.subjects) if r is not None]
-    rows = table_rows(cells, real, labels)
-    columns = [("method", "Method")] + list(TABLE_METRICS) + [("subjects", "Subjects")]
-    write_text(spec.output_dir / "table.md", markdown_table(rows, columns))
-    fields = ["subject", "class_noun", "live", "method", "method_name", "dino", "clip_i", "clip_t", "clipscore", "div", "pres", "kid",
-              "kid_std"]
+    real = [r for r in (real_row(spec, s, models) for s in spec.subjects) if r is not None] if embeddings else []
+    extra = scorer_columns(spec, cells)
+    rows = table_rows(cells, real, labels, [k for k, _ in extra])
+    text, markdown = _tables(spec, rows, cells, extra)
+    write_text(spec.output_dir / "table.md", markdown)
+    fields = ["subject", "class_noun", "live", "method", "method_name"]
+    if embeddings:
+        fields += ["dino", "clip_i", "clip_t", "clipscore", "div", "pres", "kid", "kid_std"]
     fields += sorted({k for c in cells for k in c if "." in k})
     fields += ["train_s", "sampling_s", "load_pipeline_s", "scoring_s", "extra_scorers_s", "overhead_s", "total_s", "rendered"]
     write_csv(spec.output_dir / "cells.csv", cells, fields)
@@ -499,10 +631,11 @@ def run_bench(spec: str | Path | dict | BenchSpec, *, scorers: dict[str, Scorer]
               "train_s": sum(c.get("train_s", 0.0) for c in cells), "sampling_s": sum(c.get("sampling_s", 0.0) for c in cells),
               "overhead_s": sum(c.get("overhead_s", 0.0) for c in cells)}
     summary = {"table": rows, "cells": cells, "real": real, "output_dir": str(spec.output_dir), "timing": timing,
-               "models": models.describe(), "pending_cells": len(jobs) - len(cells)}
+               "models": models.describe() if models is not None else {}, "embeddings": embeddings,
+               "pending_cells": len(jobs) - len(cells)}
     write_json(spec.output_dir / "summary.json", summary)
     if print_table:
-        print(text_table(rows, columns))
+        print(text, end="")
         if summary["pending_cells"]:
             print(f"{summary['pending_cells']} cells not run yet; run the bench again to continue.")
         print(f"cells: {spec.output_dir / 'cells.csv'}  table: {spec.output_dir / 'table.md'}")

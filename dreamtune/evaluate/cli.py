@@ -112,8 +112,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("bench", help="DreamBench protocol over subjects x methods (resumable), Table 1 and a CSV",
-                              description="Train, render and score every subject x method cell of a bench spec (see "
-                                          "dreamtune/evaluate/bench.py for its keys). Finished cells are skipped when run again.")
+                              description="Train, render and score every subject x method cell of a bench spec. Every key is "
+                                          "explained in examples/bench-dreambench.toml; examples/bench-world.toml runs the "
+                                          "shapes world offline with its oracle. Finished cells are skipped when run again.")
     p.add_argument("spec", help="bench spec (TOML)")
     p.add_argument("--max-cells", type=int, default=None, help="compute at most this many cells now")
     p.add_argument("--offline", action="store_true", help="load the scoring models from the local cache only")

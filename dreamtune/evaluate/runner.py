@@ -26,6 +26,10 @@ from .report import write_reports
 logger = logging.getLogger(__name__)
 
 
+EMBEDDINGS_OFF_NOTE = ("DINO, CLIP-I, CLIP-T, CLIPScore and DIV were not computed: the embedding metrics are off "
+                       "(a bench spec's [metrics] embeddings = false).")
+
+
 @dataclass
 class ScoringModels:
     """The feature models one evaluation uses (loaded once, reused across runs and cells)."""
@@ -186,6 +190,7 @@ def evaluate_run(
     embed_images: bool = True,
     progress: bool = True,
     config=None,
+    embeddings: bool = True,
 ) -> dict:
     """Render a run's evaluation prompts with its artifact, score them and write RUN/eval/ reports.
 
@@ -195,6 +200,9 @@ def evaluate_run(
     guidance default to the run's validation settings. Images already rendered with the same
     settings are reused. PRES renders the run's class prompt too; KID is off by default (it needs
     many images). Returns the result dict also written to metrics.json.
+
+    `embeddings=False` renders and reports the images without loading DINO or CLIP: no DINO,
+    CLIP-I, CLIP-T, CLIPScore or DIV (a note says so), and PRES and KID cannot be asked for.
 
     `run_dir` may also be an artifact without a run folder (dreamtune's, or weights trained elsewhere
     that `read_artifact` recognises); then `config` gives the base model, the concept and the
@@ -225,6 +233,8 @@ def evaluate_run(
     eval_prompts = resolve_prompts(prompts, live=live)
     if images_per_prompt < 1:
         raise ConfigError(f"--images-per-prompt must be at least 1; got {images_per_prompt}.")
+    if not embeddings and (pres or kid):
+        raise ConfigError("PRES and KID need the embedding models: turn them off, or the embedding metrics on.")
     steps = int(steps or config.validation_inference_steps)
     guidance = float(config.validation_guidance_scale if guidance is None else guidance)
 
@@ -253,18 +263,22 @@ def evaluate_run(
     timing["sampling_s"] = time.perf_counter() - t - timing["load_pipeline_s"]
 
     t = time.perf_counter()
-    if models is None:
+    if models is None and embeddings:
         models = ScoringModels.load(dino_model, clip_model, offline=offline, device=device)
     timing["load_scorers_s"] = time.perf_counter() - t
     t = time.perf_counter()
     groups = [(text, M.scoring_prompt(text, identifier, class_noun), paths[text]) for text in texts]
-    rows = score_prompt_groups(groups, real_paths, models)
+    notes = []
+    if embeddings:
+        rows = score_prompt_groups(groups, real_paths, models)
+    else:
+        rows = [{"prompt": text, "scoring_prompt": scoring} for text, scoring, _ in groups]
+        notes.append(EMBEDDINGS_OFF_NOTE)
     kinds = {text: p.kind for text, p in zip(texts, eval_prompts)}
     for row in rows:
         row["kind"] = kinds[row["prompt"]]
         row["images"] = [p.relative_to(out_dir).as_posix() for p in paths[row["prompt"]]]
     summary = summarize(rows)
-    notes = []
     class_entry = None
     if class_prompt:
         class_dino = models.dino.embed_images(paths[class_prompt], models.batch_size)
@@ -290,7 +304,7 @@ def evaluate_run(
         "settings": {"prompts": str(prompts) if not isinstance(prompts, list) else f"{len(prompts)} given",
                      "prompt_count": len(texts), "images_per_prompt": images_per_prompt, "seed": seed,
                      "steps": steps, "guidance": guidance, "resolution": config.resolution},
-        "models": models.describe(),
+        "models": models.describe() if embeddings else {},
         "summary": summary,
         "prompts": rows,
         "class_prompt": class_entry,

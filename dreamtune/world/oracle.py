@@ -522,32 +522,3 @@ def diversity(readings: Sequence[Reading], attributes: Sequence[str] = _ATTRIBUT
         n = len(values)
         scores.append(1.0 - float((counts * (counts - 1)).sum() / (n * (n - 1))))
     return float(np.mean(scores))
-
-
-def bench_scorer(images, prompts, subject) -> dict[str, float]:
-    """The oracle's scores for `dreamtune bench` / `dreamtune.evaluate.bench.run_bench`.
-
-    Name it in a bench spec as scorers = ["dreamtune.world.oracle:bench_scorer"]. `subject` is the
-    bench's subject (its real images in `subject.images_dir`); the generated images are read by the
-    oracle and compared with the readings of those references. Keys: subject_fidelity (share of the
-    identity matched), subject_present (share of images with all of it), prompt_fidelity (share of
-    the attributes each prompt names, read from its words, honoured; the class is not counted),
-    joint (share of images with the subject present and every named attribute honoured), diversity.
-    """
-    from ..data.images import list_images, load_image
-    from .scores import prompted_attributes
-
-    references = read_all(load_image(p) for p in list_images(subject.images_dir, what="subject images"))
-    signature = subject_signature(references)
-    readings = read_all(images)
-    wanted = [prompted_attributes(text) for text in prompts] if len(prompts) == len(readings) else [{}] * len(readings)
-    honoured = [[r.attributes().get(k) == v for k, v in w.items()] for r, w in zip(readings, wanted)]
-    checks = [h for row in honoured for h in row]
-    present = [subject_present(r, signature) for r in readings]
-    return {
-        "subject_fidelity": subject_fidelity(readings, signature),
-        "subject_present": float(np.mean(present)) if present else float("nan"),
-        "prompt_fidelity": float(np.mean(checks)) if checks else float("nan"),
-        "joint": float(np.mean([p and all(h) for p, h in zip(present, honoured)])) if present else float("nan"),
-        "diversity": diversity(readings),
-    }
