@@ -67,15 +67,15 @@ def varied_subject_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def make_config(tiny_model_dir, subject_dir, tmp_path):
-    """Build a small, fast TrainConfig on the tiny model; keyword arguments override."""
+@pytest.fixture(scope="session")
+def tiny_config(tiny_model_dir, subject_dir):
+    """`tiny_config(output_dir, **overrides)`: a small, fast TrainConfig on the tiny model (any fixture scope)."""
     from dreamtune.config import load_config
 
-    def make(**overrides):
+    def make(output_dir, **overrides):
         values = dict(
             pretrained_model_name_or_path=str(tiny_model_dir),
-            output_dir=str(tmp_path / "run"),
+            output_dir=str(output_dir),
             resolution=32,
             max_train_steps=4,
             train_batch_size=2,
@@ -91,6 +91,16 @@ def make_config(tiny_model_dir, subject_dir, tmp_path):
         )
         values.update(overrides)
         return load_config(None, **values)
+
+    return make
+
+
+@pytest.fixture
+def make_config(tiny_config, tmp_path):
+    """Build a small, fast TrainConfig on the tiny model in this test's folder; keyword arguments override."""
+
+    def make(**overrides):
+        return tiny_config(overrides.pop("output_dir", tmp_path / "run"), **overrides)
 
     return make
 

@@ -186,6 +186,103 @@ def test_stop_writes_a_checkpoint_and_resume_finishes(server, subject_files):
     assert len(R.read_metrics(root / "star-stop")) == 60
 
 
+@pytest.fixture(scope="module")
+def tiny_runs(server, tiny_config, subject_dir, tmp_path_factory):
+    """Finished runs on the tiny model in the app's root, trained once in this process for the Runs tab's tests:
+    DreamBooth, LoRA, and two Custom Diffusion concepts (<new1> dog, <new2> cat) to merge."""
+    from dreamtune.training import train
+
+    _, root = server
+    # Set up before the per-test cache isolation (conftest's autouse fixture), so isolated here too.
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DREAMTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    patch.setenv("HF_HUB_OFFLINE", "1")
+
+    def custom_diffusion(identifier: str, class_noun: str) -> dict:
+        return dict(method="custom_diffusion", learning_rate=5e-3, concepts=[
+            {"instance_data_dir": str(subject_dir), "class_noun": class_noun, "identifier": identifier}])
+
+    runs = {"tiny-db": dict(method="dreambooth"), "tiny-lora": dict(method="lora"),
+            "tiny-cd-dog": custom_diffusion("<new1>", "dog"), "tiny-cd-cat": custom_diffusion("<new2>", "cat")}
+    try:
+        for name, options in runs.items():
+            train(tiny_config(root / name, max_train_steps=2, **options), progress=False)
+    finally:
+        patch.undo()
+    return root
+
+
+def _image(pipe, prompt: str):
+    """One image of `prompt` with the settings the merge test asks the Sample tab for."""
+    import numpy as np
+
+    from dreamtune.pipeline import sample
+
+    return np.asarray(sample(pipe, prompt, num_images=1, seed=0, steps=2, guidance=3.0)[0])
+
+
+def test_export_single_file_loads_in_from_single_file_and_draws_the_same(server, tiny_runs):
+    from diffusers import StableDiffusionPipeline
+
+    from dreamtune.pipeline import load_pipeline
+
+    client, _ = server
+    message, path = client.predict("tiny-db", api_name="/export")
+    assert message.startswith("Exported tiny-db as single-file") and "dreamtune export" in message, message
+    artifact = str(tiny_runs / "tiny-db" / "artifact")  # the tiny model's sizes are not standard SD's
+    expected = _image(load_pipeline(None, tiny_runs / "tiny-db"), "a photo of sks dog")
+    loaded = StableDiffusionPipeline.from_single_file(path, config=artifact, safety_checker=None, local_files_only=True)
+    assert (_image(loaded, "a photo of sks dog") == expected).all()
+
+
+def test_export_kohya_lora_loads_with_load_lora_weights_and_draws_the_same(server, tiny_runs, tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    from dreamtune.pipeline import load_pipeline
+
+    client, _ = server
+    message, path = client.predict("tiny-lora", api_name="/export_kohya")
+    assert message.startswith("Exported tiny-lora as kohya"), message
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, local_files_only=True)
+    pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name)
+    expected = _image(load_pipeline(None, tiny_runs / "tiny-lora"), "a photo of sks dog")
+    assert (_image(pipe, "a photo of sks dog") == expected).all()
+
+    # A DreamBooth run has no kohya form: the export code's one line, and no file.
+    message, _ = client.predict("tiny-db", api_name="/export_kohya")
+    assert message.startswith("**Error:**") and "kohya export is for lora" in message and "\n" not in message
+    assert not list(tiny_runs.glob(f"{R.UI_DIR}/exports/tiny-db-kohya*"))
+
+
+def test_merge_two_custom_diffusion_runs_as_dreamtune_merge_does_and_sample_it(server, tiny_runs, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from dreamtune.merge import merge
+    from dreamtune.methods.custom_diffusion import WEIGHT_NAME
+    from dreamtune.pipeline import load_pipeline
+
+    client, _ = server
+    captions = ["a photo of a dog", "a cat on a sofa", "a red car in the street", "a house at night"]
+    message = client.predict("tiny-cd-dog", "tiny-cd-cat", "\n".join(captions), "tiny-merged", api_name="/merge")
+    assert message.startswith("Merged tiny-cd-dog and tiny-cd-cat"), message
+    merged = tiny_runs / "tiny-merged"
+    merge([tiny_runs / "tiny-cd-dog", tiny_runs / "tiny-cd-cat"], captions, tmp_path / "library")
+    ours, theirs = load_file(merged / WEIGHT_NAME), load_file(tmp_path / "library" / WEIGHT_NAME)
+    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+
+    # The merged run is a run of the Sample tab: both concepts render, as the library renders them.
+    assert ["tiny-merged", "finished", "custom_diffusion", "", ""] in client.predict(api_name="/runs")[0]["data"]
+    _, gallery, _ = client.predict(run="tiny-merged", prompt="a photo of <new1> dog and <new2> cat", count=1,
+                                   seed=0, steps=2, guidance=3.0, api_name="/sample")
+    with Image.open(gallery[0]["image"]) as image:
+        drawn = np.asarray(image.convert("RGB"))
+    assert (drawn == _image(load_pipeline(None, merged), "a photo of <new1> dog and <new2> cat")).all()
+    message = client.predict("tiny-cd-dog", "tiny-cd-cat", "a photo of a dog", "tiny-merged", api_name="/merge")
+    assert message.startswith("**Error:** merge:") and "not empty" in message
+
+
 def test_bad_input_is_one_line_and_uploads_are_kept(server, subject_files, tmp_path):
     from gradio_client import handle_file
 
@@ -268,6 +365,24 @@ def test_run_status_from_the_folder_and_the_job_record(tmp_path):
     statuses = {i.name: (i.status, i.error) for i in R.list_runs(root)}
     assert statuses == {"done": ("finished", ""), "half": ("stopped", ""), "interrupted": ("stopped", ""),
                         "broken": ("failed", "concepts[0].instance_data_dir: no images")}
+
+
+def test_a_job_is_alive_while_its_process_runs_and_not_once_it_ended_unreaped():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert R._alive(child.pid) and R._alive(os.getpid())
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while R._alive(child.pid):  # ended but not reaped yet (a zombie): not running
+            assert time.monotonic() < deadline, "a killed process still counts as running"
+            time.sleep(0.05)
+    finally:
+        child.kill()
+        child.wait()
+    assert not R._alive(child.pid) and not R._alive(None) and not R._alive(2 ** 22 + 9)
 
 
 # ---- in a real browser ----

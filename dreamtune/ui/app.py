@@ -274,7 +274,9 @@ class Face:
 
     # ---- Runs ----
     def runs_table(self) -> list[list]:
-        return [[i.name, i.status, i.method, f"{i.step}/{i.total}", i.error] for i in R.list_runs(self.root)]
+        # A merged artifact has no steps of its own.
+        return [[i.name, i.status, i.method, f"{i.step}/{i.total}" if i.total else "", i.error]
+                for i in R.list_runs(self.root)]
 
     def run_details(self, name: str):
         """(summary: progress, error and command; config text; loss plot path or None) of a run."""
@@ -537,7 +539,7 @@ def build(root: str | Path = "runs", base: str | None = None):
                 export_single.click(_guarded(lambda n: face.export(n, "single-file"), 2), [selected],
                                     [runs_msg, export_file], api_name="export")
                 export_kohya.click(_guarded(lambda n: face.export(n, "kohya"), 2), [selected],
-                                   [runs_msg, export_file], api_name=False)
+                                   [runs_msg, export_file], api_name="export_kohya")
                 merge_btn.click(_guarded(face.merge, 1), [merge_a, merge_b, merge_captions, merge_name], [runs_msg],
                                 api_name="merge")
         # The rare-token list takes seconds to compute: it fills in once the page is open.

@@ -26,7 +26,8 @@ from ..io import write_json
 UI_DIR = ".dreamtune-ui"
 UPLOADS = "uploads"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-RUN_MARKERS = ("config.toml", "checkpoints", "artifact")
+# A run folder, or an artifact folder at the top (what `dreamtune merge` writes).
+RUN_MARKERS = ("config.toml", "checkpoints", "artifact", "dreamtune.json")
 # How `dreamtune train` ends when asked to stop (training.TrainingStopped): not a failure.
 STOPPED_LINE = "stopped at step "
 
@@ -104,18 +105,27 @@ def _job(root: Path, name: str) -> dict:
 
 
 def _alive(pid: int | None) -> bool:
+    """Whether process `pid` is running, on any OS (psutil comes with accelerate).
+
+    A finished child of this process stays as a zombie until reaped; it is not running.
+    """
+    import psutil
+
     if not pid:
         return False
     try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        # AccessDenied: the number now belongs to another user's process, so not to a job of this UI.
         return False
-    # A finished child of this process stays as a zombie until reaped; it is not running.
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except (OSError, IndexError):
-        return True
+
+
+def finished_artifact(run: Path) -> Path | None:
+    """The `dreamtune.json` of a finished run's artifact, or of an artifact folder itself (a merge's output)."""
+    for path in (Path(run) / "artifact" / "dreamtune.json", Path(run) / "dreamtune.json"):
+        if path.is_file():
+            return path
+    return None
 
 
 def last_error(log: Path) -> str:
@@ -149,9 +159,14 @@ def run_info(root: Path, name: str) -> RunInfo:
     log = jobs_dir(root) / f"{name}.log"
     if _alive(job.get("pid")):
         info.status = "running" if values else "starting"
-    elif (path / "artifact" / "dreamtune.json").is_file():
+    elif finished_artifact(path):
         info.status = "finished"
         info.step = info.total or info.step
+        if not info.method:  # an artifact folder without a run around it names its method itself
+            try:
+                info.method = json.loads(finished_artifact(path).read_text(encoding="utf-8")).get("method", "")
+            except (OSError, ValueError):
+                pass
     elif job.get("pid") and (job.get("stop_requested") or last_error(log).startswith(STOPPED_LINE)):
         info.status = "stopped"  # by the Stop button, or by Ctrl-C / SIGTERM sent from elsewhere
     elif job.get("pid") and last_error(log):
@@ -259,7 +274,7 @@ class Jobs:
         """Continue a stopped run from its newest checkpoint with the command that started it."""
         record = _job(self.root, name)
         run = self.root / name
-        if (run / "artifact" / "dreamtune.json").is_file():
+        if finished_artifact(run):
             raise DreamtuneError(f"run '{name}' has finished: there is nothing to resume.")
         if record.get("argv"):
             argv = _without_resume(record["argv"])
