@@ -150,3 +150,18 @@ def test_world_bench_runs_without_embedding_models(tmp_path, monkeypatch, capsys
     # Run again: every cell is read back.
     again = run_bench(spec, progress=False, print_table=False)
     assert again["timing"]["computed_cells"] == 0 and again["cells"] == summary["cells"]
+
+
+def test_tables_give_means_over_subjects_and_each_subjects_interval(tmp_path):
+    spec = load_spec(_world_spec(tmp_path), base_dir=EXAMPLES)
+    cells = [{"subject": s, "method": "dreambooth", "world.subject_fidelity": v, "world.subject_fidelity_low": v - 0.1,
+              "world.subject_fidelity_high": v + 0.1} for s, v in (("striped_star", 0.8), ("gen-0-1", 0.4))]
+    extra = bench.scorer_columns(spec, cells)
+    assert extra[0] == ("world.subject_fidelity", "Subject")
+    rows = bench.table_rows(cells, [], ["dreambooth"], [k for k, _ in extra])
+    assert rows[0]["world.subject_fidelity"] == pytest.approx(0.6) and "world.subject_fidelity_low" not in rows[0]
+    text, markdown = bench._tables(spec, rows, cells, extra)
+    method_table, per_subject = text.split("Per subject")
+    assert "0.60" in method_table and "[" not in method_table.split("\n", 2)[2]
+    assert "0.80 [0.70,0.90]" in per_subject and "0.40 [0.30,0.50]" in per_subject
+    assert "0.80 [0.70,0.90]" in markdown and "not computed" in text
