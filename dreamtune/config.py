@@ -113,6 +113,8 @@ class TrainConfig:
     attention: str = opt("sdpa", "Attention kernel: PyTorch scaled-dot-product ('sdpa'), 'xformers' or diffusers' plain one ('eager').", choices=("sdpa", "xformers", "eager"), section="speed")
     cache_latents: bool = opt(True, "Encode images with the VAE once when no random augmentation is on.", section="speed")
     cache_text_embeddings: bool = opt(True, "Encode prompts once when the text encoder is frozen.", section="speed")
+    cache_to_disk: bool = opt(False, "Keep those cached latents and prompt embeddings on disk (in cache_dir) instead of in memory, for datasets whose encodings do not fit; entries are named by their content and the model, so later runs reuse them.", section="speed")
+    cache_dir: str = opt("", "Folder of the on-disk caches (cache_to_disk). Empty: ~/.cache/dreamtune/encoded ($DREAMTUNE_CACHE moves it).", section="speed")
     vae_fp32: bool = opt(False, "Keep the VAE in float32 under mixed precision (SDXL's own VAE overflows in fp16).", section="speed")
     # checkpoints and logging
     checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N steps (0: never).", min=0, section="run", flag=True)

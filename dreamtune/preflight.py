@@ -88,6 +88,9 @@ def check_train_config(config) -> None:
         check_text(concept.instance_data_dir, f"concepts[{i}].instance_data_dir")
         check_text(concept.class_data_dir, f"concepts[{i}].class_data_dir")
     check_writable_folder(config.output_dir, "output_dir")
+    if config.cache_to_disk and config.cache_dir:
+        check_text(config.cache_dir, "cache_dir")
+        check_writable_folder(config.cache_dir, "cache_dir")
     multiple = _folder_model_multiple(config.pretrained_model_name_or_path) or PIPELINE_MULTIPLE
     check_resolution(config.resolution, multiple)
 

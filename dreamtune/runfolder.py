@@ -30,7 +30,7 @@ HISTORY_PREFIX = "# resumed at step "
 FREE_OPTIONS = frozenset({
     "output_dir", "validation_prompts", "validation_steps", "num_validation_images", "validation_inference_steps",
     "validation_guidance_scale", "logging_steps", "report_to", "checkpointing_steps", "checkpoints_total_limit",
-    "cache_latents", "cache_text_embeddings", "attention", "gradient_checkpointing", "sample_batch_size",
+    "cache_latents", "cache_text_embeddings", "cache_to_disk", "cache_dir", "attention", "gradient_checkpointing", "sample_batch_size",
     "custom_diffusion.compress_rank",
 })
 

@@ -37,6 +37,7 @@ from .config import TrainConfig, config_to_toml
 from .data.concepts import load_concept
 from .data.dataset import Example, TrainData, keyed_generator
 from .data.priors import default_class_dir, generate_class_images, has_captions, load_class_images
+from .diskcache import DiskCache, default_cache_dir, fingerprint, tensor_bytes
 from .errors import ConfigError, TrainingDiverged, TrainingStopped
 from .families import PromptEmbeds, tokenize
 from .io import write_text
@@ -120,47 +121,96 @@ def make_optimizer(param_groups: list[dict], config: TrainConfig, num_processes:
 
 
 class Encoder:
-    """Turns examples into latents and prompts into embeddings, from caches when they are valid."""
+    """Turns examples into latents and prompts into embeddings, from caches when they are valid.
+
+    The caches live in memory, or with `disk_cache` (a folder) on disk: then memory holds only each
+    entry's name (see `dreamtune.diskcache`), and entries a previous run wrote are read, not recomputed.
+    """
 
     def __init__(self, components: Components, data: TrainData, *, cache_latents: bool, cache_text: bool,
-                 device, dtype, frozen_prompt=None):
+                 device, dtype, frozen_prompt=None, disk_cache: str | Path | None = None):
         self.c = components
         self.device, self.dtype = device, dtype
         self.scaling = components.vae.config.scaling_factor
-        self.latent_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.text_cache: dict[str, PromptEmbeds] = {}
+        # Source key -> (mean, std) in memory, or the name of its entry on disk.
+        self.latent_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor] | str] = {}
+        # Prompt -> embeddings in memory, or the name of its entry on disk.
+        self.text_cache: dict[str, PromptEmbeds | str] = {}
         self.cache_latents = cache_latents and data.deterministic
+        cache_prompts = cache_text or frozen_prompt is not None
+        self.latent_disk = self.text_disk = None
+        if disk_cache is not None and self.cache_latents:
+            self.latent_disk = DiskCache(disk_cache, "latents", fingerprint(components.vae))
+        if disk_cache is not None and cache_prompts:
+            self.text_disk = DiskCache(disk_cache, "text", components.family.name + fingerprint(*components.text_encoders))
         if self.cache_latents:
-            for key, pixels in data.all_fixed_examples():
-                self.latent_cache[key] = self._distribution(pixels[None])
-        if cache_text or frozen_prompt is not None:
+            for example in data.all_fixed_examples():
+                self._cache_latents(example)
+        if cache_prompts:
             # With new token rows training, prompts without those tokens still have fixed embeddings.
             prompts = [p for p in data.all_prompts() if cache_text or frozen_prompt(p)]
+            names = {}
+            if self.text_disk is not None:
+                names = {p: self._text_entry(p) for p in prompts}
+                self.text_cache.update({p: name for p, name in names.items() if name in self.text_disk})
+                prompts = [p for p in prompts if p not in self.text_cache]
             for start in range(0, len(prompts), 32):
                 chunk = prompts[start : start + 32]
                 with torch.no_grad():
                     embeds = self.text(chunk)
-                self.text_cache.update({p: embeds[i] for i, p in enumerate(chunk)})
+                for i, p in enumerate(chunk):
+                    self.text_cache[p] = self._store_text(names[p], embeds[i]) if names else embeds[i]
 
     @torch.no_grad()
     def _distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.c.vae.encode(pixels.to(self.device, self.c.vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
+    def _cache_latents(self, e: Example) -> None:
+        """Encode one example alone (so a batch of cached ones matches) into the cache, or find it on disk."""
+        if self.latent_disk is None:
+            self.latent_cache[e.source] = self._distribution(e.pixels[None])
+            return
+        # What SDXL's micro-conditioning reads: original size, crop corner, target size (all height first).
+        time_ids = torch.tensor([*e.original_size, *e.crop_top_left, *e.pixels.shape[-2:]], dtype=torch.int64)
+        name = self.latent_disk.key(str(tuple(e.pixels.shape)), tensor_bytes(e.pixels), tensor_bytes(time_ids))
+        if name not in self.latent_disk:
+            mean, std = self._distribution(e.pixels[None])
+            self.latent_disk.save(name, {"mean": mean, "std": std, "time_ids": time_ids})
+        self.latent_cache[e.source] = name
+
+    def _cached_latents(self, source: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self.latent_cache[source]
+        if isinstance(entry, str):
+            tensors = self.latent_disk.load(entry, self.device)
+            return tensors["mean"], tensors["std"]
+        return entry
+
+    def _text_entry(self, prompt: str) -> str:
+        """The disk entry name of a prompt: its token ids under every tokenizer."""
+        return self.text_disk.key(*[tensor_bytes(tokenize(tok, [prompt])) for tok in self.c.tokenizers])
+
+    def _store_text(self, name: str, embeds: PromptEmbeds) -> str:
+        tensors = {"embeds": embeds.embeds} | ({} if embeds.pooled is None else {"pooled": embeds.pooled})
+        self.text_disk.save(name, tensors)
+        return name
+
+    def _cached_text(self, prompt: str) -> PromptEmbeds:
+        entry = self.text_cache[prompt]
+        if isinstance(entry, str):
+            tensors = self.text_disk.load(entry, self.device)
+            return PromptEmbeds(tensors["embeds"], tensors.get("pooled"))
+        return entry
+
     def latents(self, examples: list[Example], gens: list[torch.Generator]) -> torch.Tensor:
         """Sampled VAE latents, scaled; the sampling noise comes from each example's generator."""
-        means, stds = [], []
         if self.cache_latents:
             # Class images cropped to a bucket first met now; encoded alone, as the cached ones were.
             for e in examples:
                 if e.source not in self.latent_cache:
-                    self.latent_cache[e.source] = self._distribution(e.pixels[None])
-        if all(e.source in self.latent_cache for e in examples):
-            for e in examples:
-                mean, std = self.latent_cache[e.source]
-                means.append(mean)
-                stds.append(std)
-            mean, std = torch.cat(means), torch.cat(stds)
+                    self._cache_latents(e)
+            cached = [self._cached_latents(e.source) for e in examples]
+            mean, std = torch.cat([m for m, _ in cached]), torch.cat([s for _, s in cached])
         else:
             mean, std = self._distribution(torch.stack([e.pixels for e in examples]))
         eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]).to(mean.device)
@@ -170,14 +220,14 @@ class Encoder:
         """Prompt embeddings as the family computes them, from the cache when the text encoders are frozen."""
         cached = [p in self.text_cache for p in prompts]
         if all(cached):
-            return PromptEmbeds.stack([self.text_cache[p] for p in prompts])
+            return PromptEmbeds.stack([self._cached_text(p) for p in prompts])
         fresh_prompts = [p for p, c in zip(prompts, cached) if not c]
         ids = [tokenize(tok, fresh_prompts).to(self.device) for tok in self.c.tokenizers]
         fresh = self.c.family.encode(ids, list(text_encoders or self.c.text_encoders))
         if not any(cached):
             return fresh
         rows = iter(range(len(fresh_prompts)))
-        return PromptEmbeds.stack([self.text_cache[p].to(fresh.embeds.dtype) if c else fresh[next(rows)]
+        return PromptEmbeds.stack([self._cached_text(p).to(fresh.embeds.dtype) if c else fresh[next(rows)]
                                    for p, c in zip(prompts, cached)])
 
 
@@ -484,7 +534,8 @@ def setup(config: TrainConfig, *, overwrite: bool, resume: str | None, progress:
                      random_flip=config.random_flip, augment=config.augment_enabled,
                      latent_scale=components.latent_scale, seed=config.seed, repeats=config.repeats,
                      bucketing=config.bucketing, bucket_step=config.bucket_step,
-                     bucket_max_ratio=config.bucket_max_ratio, caption_dropout=config.caption_dropout)
+                     bucket_max_ratio=config.bucket_max_ratio, caption_dropout=config.caption_dropout,
+                     keep_pixels=not config.cache_to_disk)
     weight_dtype = weight_dtype_of(config.mixed_precision)
     place_models(components, accelerator.device, weight_dtype, vae_fp32=config.vae_fp32)
     train_text = method.trains_text_encoder(components)
@@ -496,7 +547,8 @@ def setup(config: TrainConfig, *, overwrite: bool, resume: str | None, progress:
     cache_text = config.cache_text_embeddings
     encoder = Encoder(components, data, cache_latents=config.cache_latents, cache_text=cache_text and not train_text,
                       frozen_prompt=method.frozen_prompt if cache_text and train_text else None,
-                      device=accelerator.device, dtype=weight_dtype)
+                      device=accelerator.device, dtype=weight_dtype,
+                      disk_cache=(config.cache_dir or default_cache_dir()) if config.cache_to_disk else None)
 
     optimizer = make_optimizer(param_groups, config, accelerator.num_processes)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,

@@ -167,7 +167,7 @@ class TrainData:
     def __init__(self, concepts: list[Concept], priors: list[ImageSet] | None, *, resolution: int,
                  center_crop: bool, random_flip: bool, augment: bool, latent_scale: int, seed: int,
                  repeats: int = 1, bucketing: bool = False, bucket_step: int = 64, bucket_max_ratio: float = 2.0,
-                 caption_dropout: float = 0.0):
+                 caption_dropout: float = 0.0, keep_pixels: bool = True):
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -189,8 +189,10 @@ class TrainData:
         #: The (width, height) each instance image trains at, per concept.
         self.sizes = [[nearest_bucket(self.buckets, *im.size) if bucketing else square for im in s.images]
                       for s in self.instances]
-        # Fixed preprocessing is done once; random crops and flips are redone per example.
-        if self.deterministic:
+        self.keep_pixels = keep_pixels
+        # Fixed preprocessing is done once (unless the pixels may not all fit in memory); random crops
+        # and flips are redone per example.
+        if self.deterministic and keep_pixels:
             for image_set, sizes in zip(self.instances + self.priors, self.sizes + [[square] * len(p.images) for p in self.priors]):
                 fixed = [self._fixed(im, size) for im, size in zip(image_set.images, sizes)]
                 image_set.tensors = [t for t, _ in fixed]
@@ -291,7 +293,7 @@ class TrainData:
         size = size or (self.resolution, self.resolution)
         gen = keyed_generator(self.seed, "prior-aug", k)
         source = ("prior", concept, index) if size == (self.resolution, self.resolution) else ("prior", concept, index, *size)
-        if self.deterministic and len(source) > 3:
+        if self.deterministic and self.keep_pixels and len(source) > 3:
             if source not in self._fixed_priors:
                 self._fixed_priors[source] = self._fixed(image_set.images[index], size)
             pixels, crop = self._fixed_priors[source]
@@ -301,11 +303,16 @@ class TrainData:
         return Example(pixels, image_set.prompts[index], None, source, (original[1], original[0]), crop)
 
     def all_fixed_examples(self):
-        """Every (source key, pixels) pair, for latent caching when preprocessing is deterministic."""
-        for kind, sets in (("instance", self.instances), ("prior", self.priors)):
+        """Every image as an Example at its own size (instance: its bucket; class: square), for latent caching
+        when preprocessing is deterministic; made one at a time when the pixels are not kept."""
+        square = (self.resolution, self.resolution)
+        prior_sizes = [[square] * len(p.images) for p in self.priors]
+        for kind, sets, sizes in (("instance", self.instances, self.sizes), ("prior", self.priors, prior_sizes)):
             for c, image_set in enumerate(sets):
-                for i, pixels in enumerate(image_set.tensors):
-                    yield (kind, c, i), pixels
+                for i, image in enumerate(image_set.images):
+                    pixels, crop = (image_set.tensors[i], image_set.crops[i]) if image_set.tensors \
+                        else self._fixed(image, sizes[c][i])
+                    yield Example(pixels, image_set.prompts[i], None, (kind, c, i), (image.size[1], image.size[0]), crop)
 
     def all_prompts(self) -> list[str]:
         """Every prompt an example can have (for text-embedding caching; not with augmentation words)."""
