@@ -35,7 +35,14 @@ from .checkpoints import (
 )
 from .config import TrainConfig, config_to_toml
 from .data.concepts import load_concept
-from .data.dataset import Example, TrainData, keyed_generator
+from .data.dataset import (
+    Example,
+    TrainData,
+    class_image_counts,
+    keyed_generator,
+    make_buckets,
+    nearest_bucket,
+)
 from .data.priors import default_class_dir, generate_class_images, has_captions, load_class_images
 from .diskcache import DiskCache, default_cache_dir, fingerprint, tensor_bytes
 from .errors import ConfigError, TrainingDiverged, TrainingStopped
@@ -583,23 +590,32 @@ def make_accelerator(config: TrainConfig, output_dir: Path):
 
 
 def prepare_priors(config: TrainConfig, pipe, concepts: list, accelerator, *, progress: bool) -> list:
-    """Each concept's class images: real ones with captions, or generated (shared out over processes)."""
+    """Each concept's class images: real ones with captions, or generated (shared out over processes).
+
+    Bucketed, they are generated at the sizes of the buckets the concept's images fall in, as many in
+    each as its share of the concept's images (`class_image_counts`).
+    """
     pipe.to(accelerator.device)
     sampling = dict(resolution=config.resolution, steps=config.class_generation_steps,
                     guidance=config.class_generation_guidance)
+    buckets = make_buckets(config.resolution, config.bucket_step, config.bucket_max_ratio) if config.bucketing else None
     priors = []
     for c in concepts:
         folder = Path(c.config.class_data_dir).expanduser() if c.config.class_data_dir else \
             default_class_dir(config.pretrained_model_name_or_path, c.class_prompt, **sampling)
+        sizes = None
         if not has_captions(folder):
-            generate_class_images(pipe, c.class_prompt, folder, config.num_class_images, **sampling,
-                                  batch_size=config.sample_batch_size, seed=config.seed,
-                                  rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                  progress=progress and accelerator.is_main_process)
+            sizes = class_image_counts([nearest_bucket(buckets, *im.size) for im in c.images],
+                                       config.num_class_images) if buckets else {None: config.num_class_images}
+            for size, count in sizes.items():
+                generate_class_images(pipe, c.class_prompt, folder, count, **sampling, size=size,
+                                      batch_size=config.sample_batch_size, seed=config.seed,
+                                      rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                      progress=progress and accelerator.is_main_process)
         accelerator.wait_for_everyone()
         priors.append(load_class_images(folder, c.class_prompt, config.num_class_images,
                                         prompt_source=config.class_prompt_source,
-                                        skip_bad_images=config.skip_bad_images))
+                                        skip_bad_images=config.skip_bad_images, sizes=sizes if buckets else None))
     return priors
 
 

@@ -156,3 +156,26 @@ def test_spec_errors_name_the_key(bench_dir):
     loaded = load_spec(bench_dir / "bench.toml")
     assert [s.name for s in loaded.subjects] == ["blocky", "rex"]
     assert [p.template for p in loaded.subjects[0].prompts] == ["a {0} {1} on a shelf", "a blue {0} {1}"]
+
+
+def test_bench_on_an_sdxl_base_model(tmp_path, tiny_sdxl_model_dir):
+    """The same spec with an SDXL base: the cell trains on SDXL, renders with its pipeline and is scored."""
+    from PIL import Image
+
+    _dataset(tmp_path)
+    save_tiny_dino(tmp_path / "dino")
+    save_tiny_clip(tmp_path / "clip")
+    spec = (SPEC.format(model=tiny_sdxl_model_dir)
+            .replace('dataset = "dataset"', 'dataset = "dataset"\nsubjects = ["rex"]')
+            .replace("num_prompts = 2", "num_prompts = 1").replace('scorers = ["probe"]', "scorers = []")
+            .replace("[methods.dreambooth]", "[methods.lora]"))
+    (tmp_path / "bench.toml").write_text(spec)
+    summary = run_bench(tmp_path / "bench.toml", progress=False)
+    [cell] = summary["cells"]
+    assert cell["method"] == "lora" and cell["rendered"] == 2
+    assert all(-1 <= cell[k] <= 1 for k in ("dino", "clip_i", "clip_t"))
+    run = tmp_path / "out" / "cells" / "rex" / "lora" / "run"
+    assert json.loads((run / "artifact" / "dreamtune.json").read_text())["family"] == "sdxl"
+    rendered = list((run / "eval" / "images").rglob("*.png"))
+    assert len(rendered) == 2 and {Image.open(p).size for p in rendered} == {(32, 32)}
+    assert [r["method"] for r in summary["table"]] == ["Real images", "lora"]

@@ -8,7 +8,7 @@ import torch
 from dreamtune.data.dataset import TrainData, make_buckets, nearest_bucket
 
 
-def _data(varied_subject_dir, **overrides):
+def _data(varied_subject_dir, priors=None, **overrides):
     from dreamtune.config import ConceptConfig
     from dreamtune.data.concepts import load_concept
 
@@ -16,7 +16,7 @@ def _data(varied_subject_dir, **overrides):
     args = dict(resolution=32, center_crop=False, random_flip=True, augment=False, latent_scale=2, seed=5,
                 bucketing=True, bucket_step=8, bucket_max_ratio=2.0)
     args.update(overrides)
-    return TrainData([concept], None, **args)
+    return TrainData([concept], priors, **args)
 
 
 def test_buckets_keep_the_area_and_follow_the_aspect_ratio():
@@ -64,3 +64,27 @@ def test_bucketing_refuses_the_square_only_augmentation(varied_subject_dir):
 
     with pytest.raises(ConfigError, match="bucketing: .*augment = 'off'"):
         _data(varied_subject_dir, augment=True)
+
+
+def test_bucketed_class_images_come_from_their_own_bucket_uncropped(varied_subject_dir):
+    from PIL import Image
+
+    from dreamtune.data.dataset import ImageSet, class_image_counts
+
+    # Class images are generated per bucket in proportion to the subject's images there, at least one each.
+    assert class_image_counts([(40, 24), (24, 40), (32, 32), (32, 32)], 8) == {(24, 40): 2, (32, 32): 4, (40, 24): 2}
+    assert class_image_counts([(40, 24), (24, 40), (32, 32), (32, 32)], 2) == {(24, 40): 1, (32, 32): 1, (40, 24): 1}
+    sizes = [(40, 24), (40, 24), (24, 40), (32, 32), (32, 32)]
+    images = [Image.new("RGB", size, (50 * i, 90, 160)) for i, size in enumerate(sizes)]
+    data = _data(varied_subject_dir, priors=[ImageSet(images, ["a photo of dog"] * len(images))])
+    used = {}
+    for g in range(9):
+        ks, examples = data.instance_batch(g, 2)
+        height, width = examples[0].pixels.shape[-2:]
+        for k in ks:
+            prior = data.prior(k, (width, height))
+            assert tuple(prior.pixels.shape[-2:]) == (height, width)
+            # Its own size: nothing cropped away, so SDXL is told original = target and a (0, 0) corner.
+            assert prior.original_size == (height, width) and prior.crop_top_left == (0, 0)
+            used.setdefault((width, height), set()).add(prior.source[2])
+    assert used == {(40, 24): {0, 1}, (24, 40): {2}, (32, 32): {3, 4}}

@@ -93,6 +93,18 @@ def nearest_bucket(buckets: list[tuple[int, int]], width: int, height: int) -> t
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
+def class_image_counts(sizes: list[tuple[int, int]], total: int) -> dict[tuple[int, int], int]:
+    """How many of `total` class images each bucket gets: in proportion to its instance images (`sizes`, one
+    bucket per image), at least one each, largest remainders first; ordered by bucket."""
+    share = {size: sizes.count(size) * total / len(sizes) for size in sorted(set(sizes))}
+    counts = {size: max(1, int(v)) for size, v in share.items()}
+    for size in sorted(share, key=lambda s: (int(share[s]) - share[s], s)):
+        if sum(counts.values()) >= total:
+            break
+        counts[size] += 1
+    return counts
+
+
 def rescale_augment(pixels: torch.Tensor, latent_scale: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Custom Diffusion's augmentation of one image (CHW in [-1, 1]) -> (pixels, latent mask, prompt words).
 
@@ -189,11 +201,15 @@ class TrainData:
         #: The (width, height) each instance image trains at, per concept.
         self.sizes = [[nearest_bucket(self.buckets, *im.size) if bucketing else square for im in s.images]
                       for s in self.instances]
+        #: The bucket of each class image, per concept: a bucketed batch takes its class half from its own
+        #: bucket (class images are generated at the buckets' sizes), else from all, cropped to it.
+        self.prior_sizes = [[nearest_bucket(self.buckets, *im.size) if bucketing else square for im in p.images]
+                            for p in self.priors]
         self.keep_pixels = keep_pixels
         # Fixed preprocessing is done once (unless the pixels may not all fit in memory); random crops
         # and flips are redone per example.
         if self.deterministic and keep_pixels:
-            for image_set, sizes in zip(self.instances + self.priors, self.sizes + [[square] * len(p.images) for p in self.priors]):
+            for image_set, sizes in zip(self.instances + self.priors, self.sizes + self.prior_sizes):
                 fixed = [self._fixed(im, size) for im, size in zip(image_set.images, sizes)]
                 image_set.tensors = [t for t, _ in fixed]
                 image_set.crops = [c for _, c in fixed]
@@ -207,18 +223,21 @@ class TrainData:
         image, crop = resize_crop_at(image, size, center=True, gen=None)
         return to_tensor(image), crop
 
-    def _pick(self, kind: str, sets: list[ImageSet], k: int) -> tuple[int, int]:
-        """Stream index -> (concept, image): concepts alternate; each concept walks its own shuffled epochs."""
+    def _pick(self, kind: str, sets: list[ImageSet], k: int, bucket: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Stream index -> (concept, image): concepts alternate; each concept walks its own shuffled epochs
+        (of its class images in `bucket`, when it has any there)."""
         concept = k % len(sets)
         local = k // len(sets)
-        n = len(sets[concept].images)
+        members = [i for i, size in enumerate(self.prior_sizes[concept]) if size == bucket] if bucket else []
+        n = len(members) or len(sets[concept].images)
         epoch, pos = divmod(local, n)
-        key = (kind, concept, epoch)
+        key = (kind, concept, *bucket, epoch) if members else (kind, concept, epoch)
         if key not in self._perms:
             if len(self._perms) > 64:
                 self._perms.clear()
             self._perms[key] = torch.randperm(n, generator=keyed_generator(self.seed, "perm", *key))
-        return concept, int(self._perms[key][pos])
+        index = int(self._perms[key][pos])
+        return concept, members[index] if members else index
 
     def _pixels(self, image_set: ImageSet, index: int, gen: torch.Generator,
                 size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -287,13 +306,17 @@ class TrainData:
         return ks, [self._instance_example(k, c, i) for k, (c, i) in zip(ks, picks)]
 
     def prior(self, k: int, size: tuple[int, int] | None = None) -> Example:
-        """The k-th class example of the run, at `size` (w, h; default square); never masked, as in the paper."""
-        concept, index = self._pick("prior", self.priors, k)
-        image_set = self.priors[concept]
+        """The k-th class example of the run, at `size` (w, h; default square); never masked, as in the paper.
+
+        Bucketed, it is one of the class images of that bucket when the concept has any there.
+        """
         size = size or (self.resolution, self.resolution)
+        concept, index = self._pick("prior", self.priors, k, size if self.bucketing else None)
+        image_set = self.priors[concept]
         gen = keyed_generator(self.seed, "prior-aug", k)
-        source = ("prior", concept, index) if size == (self.resolution, self.resolution) else ("prior", concept, index, *size)
-        if self.deterministic and self.keep_pixels and len(source) > 3:
+        own_size = size == self.prior_sizes[concept][index]
+        source = ("prior", concept, index) if own_size else ("prior", concept, index, *size)
+        if self.deterministic and self.keep_pixels and not own_size:
             if source not in self._fixed_priors:
                 self._fixed_priors[source] = self._fixed(image_set.images[index], size)
             pixels, crop = self._fixed_priors[source]
@@ -303,11 +326,9 @@ class TrainData:
         return Example(pixels, image_set.prompts[index], None, source, (original[1], original[0]), crop)
 
     def all_fixed_examples(self):
-        """Every image as an Example at its own size (instance: its bucket; class: square), for latent caching
-        when preprocessing is deterministic; made one at a time when the pixels are not kept."""
-        square = (self.resolution, self.resolution)
-        prior_sizes = [[square] * len(p.images) for p in self.priors]
-        for kind, sets, sizes in (("instance", self.instances, self.sizes), ("prior", self.priors, prior_sizes)):
+        """Every image as an Example at its own bucket (square unless bucketing), for latent caching when
+        preprocessing is deterministic; made one at a time when the pixels are not kept."""
+        for kind, sets, sizes in (("instance", self.instances, self.sizes), ("prior", self.priors, self.prior_sizes)):
             for c, image_set in enumerate(sets):
                 for i, image in enumerate(image_set.images):
                     pixels, crop = (image_set.tensors[i], image_set.crops[i]) if image_set.tensors \

@@ -45,6 +45,11 @@ def default_class_dir(base_model: str, class_prompt: str, *, resolution: int, st
     return cache_dir() / "class_images" / f"{slug}-{key}"
 
 
+def class_image_name(i: int, size: tuple[int, int] | None = None) -> str:
+    """File name of generated class image i: `00000.png` when square, `00000-WxH.png` at a bucket's size."""
+    return f"{i:05d}.png" if size is None or size[0] == size[1] else f"{i:05d}-{size[0]}x{size[1]}.png"
+
+
 def has_captions(folder: Path) -> bool:
     """True when a folder holds real images with caption files (then it is used, never added to)."""
     return folder.is_dir() and any(p.suffix == ".txt" for p in folder.iterdir())
@@ -52,8 +57,11 @@ def has_captions(folder: Path) -> bool:
 
 def generate_class_images(pipe, class_prompt: str, folder: Path, count: int, *, resolution: int, steps: int,
                           guidance: float, batch_size: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1,
-                          progress: bool = True) -> None:
+                          progress: bool = True, size: tuple[int, int] | None = None) -> None:
     """Generate the missing images 00000.png ... of `folder` with the frozen pipeline, in batches.
+
+    With `size` (width, height; a bucket's) they are made at that size and named `00000-WxH.png` ...
+    (see `class_image_name`); a square size is `resolution`'s own set.
 
     Image i uses seed hash(seed, i), and each is written atomically, so the set does not depend on
     interruptions, batch size or how many processes share the work (process r makes i % world == r).
@@ -67,11 +75,12 @@ def generate_class_images(pipe, class_prompt: str, folder: Path, count: int, *, 
     with lock.acquire(wait=True):
         # Other processes of this run write the other images at the same time: only this one's temporaries
         # go, and the first process alone writes the record.
-        remove_leftovers(folder, only=lambda stem: int(stem) % world_size == rank if stem.isdigit() else rank == 0)
+        remove_leftovers(folder, only=lambda stem: _owner(stem, world_size) == rank)
         if rank == 0:
             write_json(_record_path(folder, key), {"folder": str(folder), "class_prompt": class_prompt, "steps": steps,
                                                    "guidance": guidance, "resolution": resolution})
-        missing = [i for i in range(count) if not (folder / f"{i:05d}.png").exists() and i % world_size == rank]
+        width, height = size or (resolution, resolution)
+        missing = [i for i in range(count) if not (folder / class_image_name(i, size)).exists() and i % world_size == rank]
         device = pipe.device
         bar = tqdm(total=len(missing), desc=f"class images '{class_prompt}'", disable=not (progress and missing))
         for start in range(0, len(missing), batch_size):
@@ -79,11 +88,17 @@ def generate_class_images(pipe, class_prompt: str, folder: Path, count: int, *, 
             generators = [torch.Generator(device).manual_seed(seed * 100_003 + i) for i in chunk]
             with torch.no_grad():
                 images = pipe([class_prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance,
-                              generator=generators, height=resolution, width=resolution).images
+                              generator=generators, height=height, width=width).images
             for i, image in zip(chunk, images):
-                save_image(image, folder / f"{i:05d}.png")
+                save_image(image, folder / class_image_name(i, size))
             bar.update(len(chunk))
         bar.close()
+
+
+def _owner(stem: str, world_size: int) -> int:
+    """The process that writes the file named `stem` (`00007` or `00007-40x24`); other files: the first."""
+    index = stem.split("-")[0]
+    return int(index) % world_size if index.isdigit() else 0
 
 
 def _record_path(folder: Path, key: str) -> Path:
@@ -95,10 +110,15 @@ def _record_path(folder: Path, key: str) -> Path:
 
 
 def load_class_images(folder: Path, class_prompt: str, count: int, *, prompt_source: str = "auto",
-                      skip_bad_images: bool = False) -> ImageSet:
+                      skip_bad_images: bool = False, sizes: dict[tuple[int, int], int] | None = None) -> ImageSet:
     """Load up to `count` class images with their prompts: captions when `prompt_source` says so
-    ('captions', or 'auto' and the folder has them), else `class_prompt`."""
-    paths = list_images(folder, what="class_data_dir")[:count]
+    ('captions', or 'auto' and the folder has them), else `class_prompt`.
+
+    `sizes` ({(width, height): count}, from a bucketed generation) picks the generated images of each size instead.
+    """
+    paths = list_images(folder, what="class_data_dir")[:count] if sizes is None else \
+        [folder / class_image_name(i, size) for size, n in sizes.items() for i in range(n)]
+    count = count if sizes is None else sum(sizes.values())
     loaded = load_images(paths, skip_bad_images=skip_bad_images)
     use_captions = prompt_source == "captions" or (prompt_source == "auto" and has_captions(folder))
     prompts = []
