@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from dreamtune.errors import DreamtuneError
 from dreamtune.world.pretrain import pretrain
 
-TINY = {"vae_steps": 2, "unet_steps": 3, "batch_size": 2, "progress": False, "threads": 1}
+TINY = {"vae_steps": 2, "unet_steps": 3, "batch_size": 2, "progress": False, "threads": 1, "vae_from": "shipped"}
 # The VAE phase too, rather than the shipped VAE.
 TINY_FROM_SCRATCH = {**TINY, "vae_from": ""}
 

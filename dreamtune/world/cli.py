@@ -54,8 +54,8 @@ def register(subparsers) -> None:
     pre.add_argument("--no-resume", action="store_true", help="Start over instead of resuming from <output-dir>/checkpoints.")
     pre.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine).")
     pre.add_argument("--vae-from", default=None,
-                     help="'shipped' (default: the shipped model's VAE, no VAE phases), a pipeline or VAE folder, "
-                     "or '' to train the VAE first.")
+                     help="Where the VAE comes from: '' (default) trains it first; 'shipped' (the shipped model's "
+                     "VAE) or a pipeline or VAE folder skips that phase.")
     pre.add_argument("--init-from", default=None,
                      help="Continue from another world pipeline folder (tensors whose names and shapes match).")
     pre.add_argument("--unet-channels", default=None, help="UNet block channels, e.g. 48,96,128.")

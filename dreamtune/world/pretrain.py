@@ -38,8 +38,8 @@ class PretrainSettings:
     """Sizes and hyper-parameters of the base model and its training (saved with every checkpoint)."""
 
     seed: int = 0
-    vae_steps: int = 400
-    unet_steps: int = 8000
+    vae_steps: int = 1000
+    unet_steps: int = 10000
     batch_size: int = 16
     vae_batch_size: int = 16
     vae_learning_rate: float = 1e-3
@@ -68,9 +68,9 @@ class PretrainSettings:
     attention_at_top: bool = False
     # Share of pretraining scenes with a two-colour pattern (the subjects' visual vocabulary).
     pattern_share: float = 0.5
-    # Where the VAE comes from: "shipped" loads the shipped model's VAE (trained by this module's
-    # VAE and decoder phases: see the model card) and skips those phases; "" trains one.
-    vae_from: str = "shipped"
+    # Where the VAE comes from: "" trains one first (the VAE phase, on plain and patterned scenes);
+    # "shipped" loads the shipped model's VAE, or a pipeline/VAE folder, and skips that phase.
+    vae_from: str = ""
     # Start the UNet and text encoder from another world pipeline folder (continued pretraining): every
     # tensor whose name and shape match is copied; attention blocks the other model lacks start as the
     # identity (their output projection zeroed), so the copy first behaves as its source's layers do.
