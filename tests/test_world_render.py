@@ -25,6 +25,9 @@ def test_pretraining_never_draws_a_reserved_combination_and_shows_every_pattern(
     assert {s.pattern for s in patterned} == set(render.PATTERNS[1:])
     assert {s.variant for s in patterned} == set(range(render.NUM_VARIANTS))
     assert all(s.colour2 not in (s.colour, s.background) for s in patterned)
+    # Geometries that do not show on their class (a spot inside a ring's hole) are never drawn.
+    assert not render.geometry_visible("ring", "spot", 0)
+    assert all(render.pattern_visible(s) for s in patterned if s.size != "small")
 
 
 def test_captions_name_patterns_truthfully_and_never_their_geometry():

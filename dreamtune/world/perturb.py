@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import render
-from .render import PALETTE, RESOLUTION, SUPERSAMPLE, Scene
+from .render import MIN_VISIBLE_SHARE, PALETTE, RESOLUTION, SUPERSAMPLE, Scene
 
 # The largest jitter plus shift (pixels) that keeps a scene's position word true: an off-centre
 # large object sits 3.5 px from the centre and the oracle's boundary is half of that further in.
@@ -159,26 +159,13 @@ def perturbed_set(seed: int, count: int, strength: float = 1.0,
     return scenes, images
 
 
-# A pattern whose either colour covers less of the object than this cannot be seen at 32 px.
-MIN_VISIBLE_SHARE = 0.06
-
-
 def pattern_visible(scene: Scene, min_share: float = MIN_VISIBLE_SHARE) -> bool:
     """Whether both of a patterned scene's colours cover a visible share of its object (plain: True).
 
     Some geometries leave a class nearly one-coloured (a spot inside a ring's hole, a ring wholly
     inside a thick border's frame); no reader of pixels can tell their pattern.
     """
-    if scene.pattern == "plain":
-        return True
-    n = RESOLUTION * SUPERSAMPLE
-    coords = (np.arange(n) + 0.5) / SUPERSAMPLE
-    x, y = np.meshgrid(coords, coords)
-    cx, cy, radius = render.placement(scene)
-    u, v = (x - cx) / radius, (y - cy) / radius
-    inside = render.shape_mask(scene.cls, u, v)
-    share = float((inside & render.pattern_mask(scene.pattern, u, v, scene.variant)).sum() / max(1, inside.sum()))
-    return min_share <= share <= 1.0 - min_share
+    return render.pattern_visible(scene, min_share)
 
 
 ORACLE_ATTRIBUTES = ("class", "colour", "background", "size", "position", "pattern", "colour2", "variant")

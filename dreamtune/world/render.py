@@ -240,6 +240,30 @@ def pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray, variant: int = 0) -
     raise ValueError(f"unknown pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
 
 
+# A pattern whose either colour covers less of the object than this cannot be seen at 32 px.
+MIN_VISIBLE_SHARE = 0.06
+
+
+def pattern_visible(scene: Scene, min_share: float = MIN_VISIBLE_SHARE) -> bool:
+    """Whether both of a patterned scene's colours cover a visible share of its object (plain: True).
+
+    Some geometries leave a class nearly one-coloured (a spot inside a ring's hole, a ring wholly
+    inside a thick border's frame); no reader of pixels can tell their pattern.
+    """
+    if scene.pattern == "plain":
+        return True
+    u, v = _object_coords(scene, RESOLUTION, SUPERSAMPLE)
+    inside = shape_mask(scene.cls, u, v)
+    share = float((inside & pattern_mask(scene.pattern, u, v, scene.variant)).sum() / max(1, inside.sum()))
+    return min_share <= share <= 1.0 - min_share
+
+
+@functools.lru_cache(maxsize=None)
+def geometry_visible(cls: str, pattern: str, variant: int) -> bool:
+    """Whether a pattern geometry shows on a class at all (a centred medium object), whatever the colours."""
+    return pattern_visible(Scene(cls, "red", "black", "medium", "center", pattern, "white", variant))
+
+
 def placement(scene: Scene, resolution: int = RESOLUTION) -> tuple[float, float, float]:
     """Centre (x, y) and radius of the scene's object, in pixels of a `resolution` image."""
     scale = resolution / RESOLUTION
@@ -448,13 +472,15 @@ def random_scene(rng: np.random.Generator, include_held_out: bool = False, patte
         position = POSITIONS[rng.integers(len(POSITIONS))]
     if rng.random() >= pattern_share:
         return Scene(cls, colour, background, size, position, **_jitter(rng))
+    # A geometry that does not show on the class (a spot in a ring's hole) is never drawn: its caption
+    # would name a pattern no pixel shows.
     while True:
         pattern = PATTERNS[1 + rng.integers(len(PATTERNS) - 1)]
         choices = [c for c in COLOURS if c not in (colour, background)]
         colour2 = choices[rng.integers(len(choices))]
-        if include_held_out or not is_reserved(cls, pattern, colour, colour2):
+        variant = int(rng.integers(NUM_VARIANTS))
+        if (include_held_out or not is_reserved(cls, pattern, colour, colour2)) and geometry_visible(cls, pattern, variant):
             break
-    variant = int(rng.integers(NUM_VARIANTS))
     return Scene(cls, colour, background, size, position, pattern, colour2, variant, **_jitter(rng))
 
 
