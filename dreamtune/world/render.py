@@ -258,7 +258,7 @@ def pattern_visible(scene: Scene, min_share: float = MIN_VISIBLE_SHARE) -> bool:
     return min_share <= share <= 1.0 - min_share
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def geometry_visible(cls: str, pattern: str, variant: int) -> bool:
     """Whether a pattern geometry shows on a class at all (a centred medium object), whatever the colours."""
     return pattern_visible(Scene(cls, "red", "black", "medium", "center", pattern, "white", variant))
