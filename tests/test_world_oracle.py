@@ -11,7 +11,7 @@ from dreamtune.world.render import NUM_VARIANTS, Scene
 def test_oracle_reads_every_attribute_of_perturbed_renders():
     # Bent shapes, irregular and broken patterns, shifted colours, blur, noise, JPEG blocks, shifts.
     scenes, images = perturb.perturbed_set(seed=2026, count=220, strength=1.0)
-    kept = [(s, im) for s, im in zip(scenes, images) if perturb.pattern_visible(s)]
+    kept = [(s, im) for s, im in zip(scenes, images) if render.pattern_visible(s)]
     assert len(kept) >= 200 and sum(s.pattern != "plain" for s, _ in kept) >= 100
     accuracy = oracle.attribute_accuracy(oracle.read_all(im for _, im in kept), [s.attributes() for s, _ in kept])
     assert set(accuracy) == set(perturb.ORACLE_ATTRIBUTES)
@@ -47,9 +47,9 @@ def test_oracle_tells_the_geometries_of_each_pattern_apart():
 
 
 def test_invisible_patterns_are_recognised_as_such():
-    assert not perturb.pattern_visible(Scene("ring", "red", "blue", "large", "center", "spot", "white", 0))
-    assert perturb.pattern_visible(Scene("ring", "red", "blue", "large", "center", "stripes", "white", 0))
-    assert perturb.pattern_visible(Scene("ring", "red", "blue"))
+    assert not render.pattern_visible(Scene("ring", "red", "blue", "large", "center", "spot", "white", 0))
+    assert render.pattern_visible(Scene("ring", "red", "blue", "large", "center", "stripes", "white", 0))
+    assert render.pattern_visible(Scene("ring", "red", "blue"))
 
 
 def test_oracle_check_command_prints_both_tables(capsys, tmp_path):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import render
-from .render import MIN_VISIBLE_SHARE, PALETTE, RESOLUTION, SUPERSAMPLE, Scene
+from .render import PALETTE, RESOLUTION, SUPERSAMPLE, Scene
 
 # The largest jitter plus shift (pixels) that keeps a scene's position word true: an off-centre
 # large object sits 3.5 px from the centre and the oracle's boundary is half of that further in.
@@ -159,15 +159,6 @@ def perturbed_set(seed: int, count: int, strength: float = 1.0,
     return scenes, images
 
 
-def pattern_visible(scene: Scene, min_share: float = MIN_VISIBLE_SHARE) -> bool:
-    """Whether both of a patterned scene's colours cover a visible share of its object (plain: True).
-
-    Some geometries leave a class nearly one-coloured (a spot inside a ring's hole, a ring wholly
-    inside a thick border's frame); no reader of pixels can tell their pattern.
-    """
-    return render.pattern_visible(scene, min_share)
-
-
 ORACLE_ATTRIBUTES = ("class", "colour", "background", "size", "position", "pattern", "colour2", "variant")
 
 
@@ -191,7 +182,7 @@ def through_vae(images: list[np.ndarray], model_dir=None, batch_size: int = 64) 
 def oracle_accuracy(count: int = 600, seed: int = 0, strength: float = 1.0, vae_model=None) -> dict:
     """The oracle's per-attribute accuracy on `count` seeded scenes, drawn clean and perturbed.
 
-    Scenes whose pattern cannot be seen (`pattern_visible`) are left out and counted. Returns
+    Scenes whose pattern cannot be seen (`render.pattern_visible`) are left out and counted. Returns
     {"clean": {attribute: share}, "perturbed": {...}, "scenes": n, "left_out": k, "seed", "strength"};
     "colour2" and "variant" are counted over patterned scenes only. With `vae_model` (a pipeline
     folder, or True for the shipped model) a "vae" row reads the clean renders after that VAE's round trip.
@@ -199,7 +190,7 @@ def oracle_accuracy(count: int = 600, seed: int = 0, strength: float = 1.0, vae_
     from . import oracle
 
     scenes, images = perturbed_set(seed, count, strength)
-    kept = [(s, im) for s, im in zip(scenes, images) if pattern_visible(s)]
+    kept = [(s, im) for s, im in zip(scenes, images) if render.pattern_visible(s)]
     truths = [s.attributes() for s, _ in kept]
     result: dict = {"scenes": len(kept), "left_out": len(scenes) - len(kept), "seed": seed, "strength": strength}
     clean = [render.render(s) for s, _ in kept]

@@ -93,7 +93,6 @@ def reserved_combinations() -> list[tuple[str, str, str, str]]:
 
 def held_out_pattern_prompts(count: int = 24, seed: int = 0) -> list[tuple[str, dict]]:
     """Prompts naming `count` seeded reserved combinations ("a red star with white stripes"), laid out at random."""
-    from .perturb import pattern_visible
     from .render import Scene
 
     rng = np.random.default_rng([seed, 8])
@@ -102,7 +101,7 @@ def held_out_pattern_prompts(count: int = 24, seed: int = 0) -> list[tuple[str, 
     for index in rng.permutation(len(pool)):
         cls, pattern, colour, colour2 = pool[index]
         # A pattern that no geometry of it shows on this class cannot be judged from pixels.
-        if not any(pattern_visible(Scene(cls, colour, "black", "medium", "center", pattern, colour2, k), 0.15)
+        if not any(render.pattern_visible(Scene(cls, colour, "black", "medium", "center", pattern, colour2, k), 0.15)
                    for k in range(render.NUM_VARIANTS)):
             continue
         background, size = _layout(rng, (colour, colour2))

@@ -378,8 +378,8 @@ def describe(
 
 # How often each attribute is named in a training caption. Leaving attributes out at random is
 # what lets a bare "a star" (and prior preservation's class images) mean a clean star of any kind.
-# Size and position are named in most captions: where a caption leaves them open, the average image
-# of "a star" over every place and size is a blur like that of "a circle", and the class teaches little.
+# Size is named in most captions: where a caption leaves it open, the average image of "a star" over
+# every size is a blur like that of "a circle", and the class teaches little.
 CAPTION_KEEP = {"colour": 0.7, "background": 0.6, "size": 0.75, "pattern": 0.8, "colour2": 0.6}
 # Position is not part of the world's vocabulary: both base models trained with position words
 # ignored them (0.10-0.15 position fidelity on held-out prompts), so objects sit at the centre (with

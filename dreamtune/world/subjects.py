@@ -106,9 +106,8 @@ SUBJECT_MIN_SHARE = 0.15
 
 
 def _clearly_two_coloured(cls: str, pattern: str, variant: int) -> bool:
-    from .perturb import pattern_visible
 
-    return pattern_visible(Scene(cls, "red", "black", "large", "center", pattern, "white", variant), SUBJECT_MIN_SHARE)
+    return render.pattern_visible(Scene(cls, "red", "black", "large", "center", pattern, "white", variant), SUBJECT_MIN_SHARE)
 
 
 def generate_subjects(n: int, seed: int = 0) -> list[Subject]:
