@@ -4,7 +4,7 @@ A subject is a distinct instance of a known class: a star with blue and white st
 with a yellow band, each pattern in one of its geometries (`variant`). Its class, pattern and colour
 pair form a combination that pretraining never drew (`render.is_reserved`), and captions never name
 a geometry, so words alone cannot pin it down. Each subject has 5 reference images that vary in
-position, size and background, the way DreamBench's photos of one subject do.
+size and background, the way DreamBench's photos of one subject do.
 
 Beside the shipped subjects (on which method settings are chosen), `generate_subjects(n, seed)`
 draws new ones from the reserved combinations, named "gen-<seed>-<k>"; `get_subject` accepts those
@@ -64,13 +64,11 @@ class Subject:
         rng = np.random.default_rng([sum(self.name.encode()), len(self.name)])
         backgrounds = list(self.backgrounds())
         rng.shuffle(backgrounds)
-        layout = [("large", "center"), ("medium", "center"), ("large", "center"), ("medium", "center"),
-                  ("medium", "center"), ("large", "center")]
+        sizes = ("large", "medium", "large", "medium", "medium", "large")
         scenes = []
         for i in range(self.num_references):
-            size, position = layout[i % len(layout)]
             scenes.append(self.scene(
-                backgrounds[i % len(backgrounds)], size, position,
+                backgrounds[i % len(backgrounds)], sizes[i % len(sizes)],
                 jitter_x=float(rng.uniform(-0.7, 0.7)), jitter_y=float(rng.uniform(-0.7, 0.7)),
                 jitter_scale=float(rng.uniform(0.96, 1.04)),
             ))
