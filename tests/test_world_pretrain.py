@@ -53,13 +53,25 @@ def test_default_pretraining_is_stable_diffusion_shaped_on_the_shipped_vae(tmp_p
     reused = load_file(pipe_dir / "vae" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(shipped[k], reused[k]) for k in shipped)
     config = json.loads((pipe_dir / "unet" / "config.json").read_text())
-    # As in SD 1.x: attention at every level but the lowest, and in the middle; no pooled-prompt path.
+    # As in SD 1.x: attention at every level but the lowest, and in the middle; as in SDXL, the pooled
+    # prompt also goes into the time embedding.
     assert config["down_block_types"] == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
     assert config["up_block_types"] == ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
     assert config["mid_block_type"] == "UNetMidBlock2DCrossAttn"
-    assert config["addition_embed_type"] is None
+    assert config["addition_embed_type"] == "text"
     tokenizer = json.loads((pipe_dir / "tokenizer" / "tokenizer_config.json").read_text())
     assert tokenizer["model_max_length"] == 77
+
+
+def test_the_command_line_can_leave_the_pooled_prompt_out(tmp_path):
+    import json
+
+    from dreamtune.cli import main
+
+    assert main(["world", "pretrain", "--output-dir", str(tmp_path), "--vae-from", "shipped", "--unet-steps", "2",
+                 "--batch-size", "2", "--threads", "1", "--no-pooled-prompt"]) == 0
+    config = json.loads((tmp_path / "pipeline" / "unet" / "config.json").read_text())
+    assert config["addition_embed_type"] is None
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
@@ -96,7 +108,7 @@ def test_runs_saved_before_a_setting_existed_keep_their_meaning(tmp_path):
     from dreamtune.world.pretrain import export_checkpoint
 
     # A run of the first version's layout, its state written before unet_layout and vae_from existed.
-    pretrain(tmp_path, stop_after_steps=3, unet_layout="low", **TINY_FROM_SCRATCH)
+    pretrain(tmp_path, stop_after_steps=3, unet_layout="low", text_time_embedding=False, **TINY_FROM_SCRATCH)
     state_file = tmp_path / "checkpoints" / "unet" / "state.json"
     state = json.loads(state_file.read_text())
     for key in ("max_length", "text_time_embedding", "attention_at_top", "object_weight", "unet_layout",
@@ -108,7 +120,7 @@ def test_runs_saved_before_a_setting_existed_keep_their_meaning(tmp_path):
     assert config["addition_embed_type"] is None
     assert config["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
     with pytest.raises(DreamtuneError, match="unet_layout=low differs from sd"):
-        pretrain(tmp_path, **TINY_FROM_SCRATCH)  # today's defaults differ from what that run used
+        pretrain(tmp_path, text_time_embedding=False, **TINY_FROM_SCRATCH)  # today's layout differs from that run's
 
 
 def test_continued_pretraining_copies_matching_tensors_and_starts_new_attention_as_identity(tmp_path):

@@ -60,6 +60,9 @@ def register(subparsers) -> None:
                      help="Continue from another world pipeline folder (tensors whose names and shapes match).")
     pre.add_argument("--unet-channels", default=None, help="UNet block channels, e.g. 48,96,128.")
     pre.add_argument("--warmup-steps", type=int, default=None)
+    pre.add_argument("--no-pooled-prompt", action="store_true",
+                     help="Give the UNet the prompt through cross-attention only (as SD 1.x/2.x), without the "
+                     "pooled prompt in its time embedding (as SDXL).")
     pre.set_defaults(func=_pretrain)
 
     export = commands.add_parser("export", help="Write a pipeline folder from a pretraining run's latest checkpoint "
@@ -146,6 +149,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides["init_from"] = str(Path(args.init_from).expanduser().resolve())
     if args.warmup_steps is not None:
         overrides["warmup_steps"] = args.warmup_steps
+    if args.no_pooled_prompt:
+        overrides["text_time_embedding"] = False
     if args.unet_channels:
         try:
             overrides["unet_channels"] = tuple(int(c) for c in args.unet_channels.split(","))
