@@ -3,7 +3,7 @@
 Two phases, each resumable from atomic safetensors checkpoints:
 1. the VAE (AutoencoderKL, 32 px -> 16x16x4 latents) on world images, patterned ones included so it
    can reconstruct the subjects' patterns later;
-2. the UNet (UNet2DConditionModel) and the CLIP text encoder jointly on plain world images and
+2. the UNet (UNet2DConditionModel) and the CLIP text encoder jointly on plain and patterned world images and
    prompt-style captions: v-prediction, a cosine ("squaredcos_cap_v2") schedule, a loss that weighs
    the object's latent pixels more than the background's, 10% caption dropout (for classifier-free
    guidance) and an EMA of the weights. The UNet also takes the pooled prompt into its time
