@@ -60,8 +60,8 @@ class PretrainSettings:
     # Also feed the pooled prompt into the time embedding (diffusers' `addition_embed_type="text"`), as
     # SDXL does with its pooled text embedding (SD 1.x/2.x has no such path). Measured at equal settings
     # from scratch: without it colour and background are learned far later (step 1,500: colour 0.28
-    # against 0.67, background 0.40 against 0.86 on held-out prompts), and a 10,000-step run without it
-    # never bound its class words (0.14-0.32); see the model card.
+    # against 0.67, background 0.40 against 0.86 on held-out prompts). Class words were bound by neither
+    # (with it, 0.04 at step 6,250 from scratch at batch 16); see the model card.
     text_time_embedding: bool = True
     # Where attention sits. "sd": as in Stable Diffusion 1.x (every level but the lowest, plus the
     # middle block; here 16x16 and 8x8 latents); "low": the first version's 8x8 and 4x4 only.
