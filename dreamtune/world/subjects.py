@@ -104,7 +104,6 @@ SUBJECT_MIN_SHARE = 0.15
 
 
 def _clearly_two_coloured(cls: str, pattern: str, variant: int) -> bool:
-
     return render.pattern_visible(Scene(cls, "red", "black", "large", "center", pattern, "white", variant), SUBJECT_MIN_SHARE)
 
 
