@@ -66,7 +66,7 @@ def test_dreambooth_pipeline_folder_samples(tiny_model_dir, tmp_path, capsys):
 
 
 def test_custom_diffusion_script_output_loads_and_merges(tiny_model_dir, tmp_path):
-    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
 
     from dreamtune.merge import merge
     from dreamtune.methods.custom_diffusion import WEIGHT_NAME
@@ -86,7 +86,7 @@ def test_custom_diffusion_script_output_loads_and_merges(tiny_model_dir, tmp_pat
     procs = pipe.unet.attn_processors
     for key, weight in trained.items():
         name, param = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-        assert isinstance(procs[name], CustomDiffusionAttnProcessor)
+        assert isinstance(procs[name], CustomDiffusionAttnProcessor2_0)
         assert torch.equal(getattr(procs[name], param).weight, weight)
     token_id = pipe.tokenizer.convert_tokens_to_ids("<new1>")
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], row)

@@ -245,11 +245,43 @@ class CustomDiffusion(Method):
             # attention layers; every other layer gets an empty entry, as dreamtune's own files hold.
             state = diffusers_state_dict(pipe.unet, weights_from_diffusers(load_file(folder / WEIGHT_NAME)))
             pipe.unet.load_attn_procs(state, _pipeline=pipe)
+            use_fused_attention(pipe.unet)
         elif (folder / LORA_WEIGHT_NAME).is_file():
             pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHT_NAME,
                                    adapter_name=f"custom_diffusion_{len(getattr(pipe.unet, 'peft_config', {}) or {})}")
         else:
             raise ModelLoadError(f"{folder}: no {WEIGHT_NAME} or {LORA_WEIGHT_NAME}; the artifact is incomplete.")
+
+
+def use_fused_attention(unet) -> None:
+    """Swap the processors diffusers' `load_attn_procs` installs for their `scaled_dot_product_attention` twins.
+
+    In diffusers 0.42.1 the loader puts `CustomDiffusionAttnProcessor`, which writes attention out as
+    matrix products, on every attention layer, self-attention included. Trained layers get
+    `CustomDiffusionAttnProcessor2_0` holding the same weights, the others the default
+    `AttnProcessor2_0`: the same images to float rounding, sampled about 1.5x as fast (see
+    `benchmarks/custom_diffusion_attention.py`).
+    """
+    from diffusers.models.attention_processor import (
+        AttnProcessor2_0,
+        CustomDiffusionAttnProcessor,
+        CustomDiffusionAttnProcessor2_0,
+    )
+
+    processors = {}
+    for name, processor in unet.attn_processors.items():
+        if isinstance(processor, CustomDiffusionAttnProcessor):
+            if processor.train_kv or processor.train_q_out:
+                weight = next(processor.parameters())
+                fused = CustomDiffusionAttnProcessor2_0(
+                    train_kv=processor.train_kv, train_q_out=processor.train_q_out,
+                    hidden_size=processor.hidden_size, cross_attention_dim=processor.cross_attention_dim)
+                fused.load_state_dict(processor.state_dict())
+                processor = fused.to(device=weight.device, dtype=weight.dtype)
+            else:
+                processor = AttnProcessor2_0()
+        processors[name] = processor
+    unet.set_attn_processor(processors)
 
 
 def diffusers_state_dict(unet, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
