@@ -76,12 +76,11 @@ def test_quality_measure_runs_on_a_few_samples(pipe):
     held = result["held_out"]
     assert held["samples"] == 3
     assert all(0.0 <= held[k] <= 1.0 for k in ("class", "colour", "background", "size"))
-    assert "pattern" not in held  # no plain prompt names a pattern, so none is scored
-    patterned = result["held_out_pattern"]
-    assert patterned["samples"] == 3 and {"pattern", "colour2"} <= set(patterned["intervals"])
-    assert all(low <= patterned[k] <= high for k, (low, high) in patterned["intervals"].items())
+    assert "pattern" not in held  # no prompt names a pattern, so none is scored
+    assert all(low <= held[k] <= high for k, (low, high) in held["intervals"].items())
+    assert 0.0 <= held["two-colour"] <= 1.0 and "two-colour" in held["intervals"]
     table = format_quality(result)
-    assert "held-out plain" in table and "held-out pattern" in table and "colour2" in table
+    assert "held-out" in table and "two-colour" in table
 
 
 def test_demo_runs_a_short_personalization_on_the_shipped_model(tmp_path, capsys):

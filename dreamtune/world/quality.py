@@ -1,11 +1,12 @@
 """Measure a shapes-world base model with the oracle: does it draw what the prompt asks for?
 
 The main check prompts for combinations held out of training, so it measures composition of words
-rather than recall of training images: plain objects in the colour-class pairs pretraining never
-drew ("a photo of a small blue triangle on a green background"), and patterned
-objects in the class-pattern-colour combinations it never drew ("... a red star with white stripes
-..."), each with a background and a size. Every attribute a prompt names is scored on
-every image, with a 95% bootstrap interval (prompts, then images, resampled).
+rather than recall of training images: objects in the colour-class pairs pretraining never drew
+("a photo of a small blue triangle on a green background"), each with a background and a size.
+Every attribute a prompt names is scored on every image, with a 95% bootstrap interval (prompts,
+then images, resampled). Captions never name patterns (`render.CAPTION_KEEP`), so no prompt does;
+beside the scores, the share of images showing a two-colour object tells whether the base model
+draws the patterned half of its world at all.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import numpy as np
 import torch
 
 from . import oracle, render
-from .render import CLASSES, COLOURS, HELD_OUT, PATTERNS, SIZES, describe
+from .render import COLOURS, HELD_OUT, SIZES, describe
 
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_STEPS = 25
 DEFAULT_IMAGES_PER_PROMPT = 8
-QUALITY_ATTRIBUTES = ("class", "colour", "background", "size", "pattern", "colour2")
+QUALITY_ATTRIBUTES = ("class", "colour", "background", "size")
+# Not scored against a prompt: the share of images the oracle reads as a two-colour object.
+TWO_COLOUR = "two-colour"
 
 
 def load_base_pipeline(model_dir: str | Path | None = None):
@@ -72,8 +75,7 @@ def _layout(rng: np.random.Generator, colours: tuple[str, ...]) -> tuple[str, st
 def held_out_prompts(per_pair: int = 6, seed: int = 0) -> list[tuple[str, dict]]:
     """Prompts for every held-out colour-class pair, `per_pair` of them with a seeded background and size.
 
-    A prompt that names no pattern leaves it open (pretraining captions omit a pattern one time in
-    five), so the pattern is not scored on these.
+    The pattern is left open, as in every caption.
     """
     rng = np.random.default_rng([seed, 7])
     prompts = []
@@ -82,35 +84,6 @@ def held_out_prompts(per_pair: int = 6, seed: int = 0) -> list[tuple[str, dict]]
             background, size = _layout(rng, (colour,))
             prompts.append((describe(cls, colour=colour, background=background, size=size),
                             {"class": cls, "colour": colour, "background": background, "size": size}))
-    return prompts
-
-
-def reserved_combinations() -> list[tuple[str, str, str, str]]:
-    """Every class-pattern-colour combination pretraining never drew (`render.is_reserved`)."""
-    return [(cls, pattern, colour, colour2) for cls in CLASSES for pattern in PATTERNS[1:] for colour in COLOURS
-            for colour2 in COLOURS if colour2 != colour and render.is_reserved(cls, pattern, colour, colour2)]
-
-
-def held_out_pattern_prompts(count: int = 24, seed: int = 0) -> list[tuple[str, dict]]:
-    """Prompts naming `count` seeded reserved combinations ("a red star with white stripes"), laid out at random."""
-    from .render import Scene
-
-    rng = np.random.default_rng([seed, 8])
-    pool = reserved_combinations()
-    prompts = []
-    for index in rng.permutation(len(pool)):
-        cls, pattern, colour, colour2 = pool[index]
-        # A pattern that no geometry of it shows on this class cannot be judged from pixels.
-        if not any(render.pattern_visible(Scene(cls, colour, "black", "medium", "center", pattern, colour2, k), 0.15)
-                   for k in range(render.NUM_VARIANTS)):
-            continue
-        background, size = _layout(rng, (colour, colour2))
-        prompts.append((describe(cls, colour=colour, background=background, size=size,
-                                 pattern=pattern, colour2=colour2),
-                        {"class": cls, "colour": colour, "background": background, "size": size,
-                         "pattern": pattern, "colour2": colour2}))
-        if len(prompts) == count:
-            break
     return prompts
 
 
@@ -148,6 +121,10 @@ def score_prompts(readings: Sequence[oracle.Reading], truths: Sequence[dict], im
         picked = [(r, t) for r, t in zip(readings, truths) if t["class"] == cls]
         per_class[cls] = float(np.mean([r.cls == t["class"] for r, t in picked]))
     result["per_class"] = per_class
+    two_colour = np.array([r.pattern != "plain" for r in readings], dtype=float).reshape(shape)
+    figure = bootstrap(two_colour, np.ones(shape), seed=seed)
+    result[TWO_COLOUR] = figure.value
+    result["intervals"][TWO_COLOUR] = [figure.low, figure.high]
     return result
 
 
@@ -155,14 +132,14 @@ def measure_quality(model_dir: str | Path | None = None, *, images_per_prompt: i
                     steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int = 0,
                     max_prompts: int | None = None, include_seen: bool = True, progress: bool = True,
                     pipe=None) -> dict:
-    """Sample the held-out prompts (plain and patterned; with `include_seen`, seen ones) and score them with the oracle.
+    """Sample the held-out prompts (with `include_seen`, seen ones too) and score them with the oracle.
 
-    Returns {"held_out": {attribute: share, "intervals": {...}, "samples": n, "per_class": {...}},
-    "held_out_pattern": {...}, "seen": {...}, "steps": ..., "guidance": ..., "images_per_prompt": ...}.
+    Returns {"held_out": {attribute: share, "two-colour": share, "intervals": {...}, "samples": n,
+    "per_class": {...}}, "seen": {...}, "steps": ..., "guidance": ..., "images_per_prompt": ...}.
     `max_prompts` caps each prompt set (for quick checks).
     """
     pipe = pipe or load_base_pipeline(model_dir)
-    sets = {"held_out": held_out_prompts(seed=seed), "held_out_pattern": held_out_pattern_prompts(seed=seed)}
+    sets = {"held_out": held_out_prompts(seed=seed)}
     if include_seen:
         sets["seen"] = seen_prompts()
     result: dict = {"steps": steps, "guidance": guidance, "images_per_prompt": images_per_prompt, "seed": seed}
@@ -177,25 +154,26 @@ def measure_quality(model_dir: str | Path | None = None, *, images_per_prompt: i
     return result
 
 
-_SET_NAMES = {"held_out": "held-out plain", "held_out_pattern": "held-out pattern", "seen": "seen"}
+_SET_NAMES = {"held_out": "held-out", "seen": "seen"}
 
 
 def format_quality(result: dict) -> str:
     """A plain-text table of a `measure_quality` result: one row per prompt set, each figure with its interval."""
     lines = [f"sampling: {result['steps']} steps, guidance {result['guidance']}, "
              f"{result['images_per_prompt']} images per prompt; 95% bootstrap intervals in brackets"]
-    lines.append(f"{'prompts':<17} {'samples':>7}  " + "  ".join(f"{k:<16}" for k in QUALITY_ATTRIBUTES))
-    for name in ("held_out", "held_out_pattern", "seen"):
+    columns = QUALITY_ATTRIBUTES + (TWO_COLOUR,)
+    lines.append(f"{'prompts':<9} {'samples':>7}  " + "  ".join(f"{k:<16}" for k in columns))
+    for name in ("held_out", "seen"):
         if name not in result:
             continue
         r = result[name]
         cells = []
-        for key in QUALITY_ATTRIBUTES:
+        for key in columns:
             if key in r:
                 low, high = r["intervals"][key]
                 cells.append(f"{r[key]:.2f} [{low:.2f},{high:.2f}]")
             else:
                 cells.append("-")
-        lines.append(f"{_SET_NAMES[name]:<17} {r['samples']:>7}  " + "  ".join(f"{c:<16}" for c in cells))
+        lines.append(f"{_SET_NAMES[name]:<9} {r['samples']:>7}  " + "  ".join(f"{c:<16}" for c in cells))
         lines.append("  class by class: " + ", ".join(f"{k} {v:.0%}" for k, v in r["per_class"].items()))
     return "\n".join(lines)
