@@ -24,7 +24,10 @@ from .quality import DEFAULT_GUIDANCE
 from .scores import SubjectScores, format_attributes, format_scores, score_subject
 from .subjects import Subject, class_prompt, get_subject, subject_prompts, write_subject_images
 
-SAMPLING_STEPS = 25
+# Personalized models are sampled with 15 DDIM steps (the base model's quality bar is taken at 25): on
+# the striped star's DreamBooth model 15 steps gave the same figures as 25 to two decimals, on Custom
+# Diffusion's subject fidelity 0.39 against 0.43 (interval +-0.09), in 60% of the time.
+SAMPLING_STEPS = 15
 # 8 images per prompt: at 2, one model's figures moved by 0.15 between runs.
 IMAGES_PER_PROMPT = 8
 # Images of the plain class prompt for drift and diversity: three prompts' worth, at least 12.
