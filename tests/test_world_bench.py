@@ -67,9 +67,10 @@ def test_world_scorer_checks_prompts_per_image(tmp_path):
 
 
 def test_world_spec_loads_with_the_worlds_settings(tmp_path):
-    from dreamtune.world.demo import METHOD_SETTINGS
+    from dreamtune.world.demo import METHOD_SETTINGS, SAMPLING_STEPS
 
     spec = load_spec(_world_spec(tmp_path), base_dir=EXAMPLES)
+    assert spec.steps == SAMPLING_STEPS
     assert [s.world for s in spec.subjects] == ["striped_star", "gen-0-1"]
     star = spec.subjects[0]
     assert star.class_noun == "star" and star.images_dir == tmp_path / "out" / "subjects" / "striped_star"
