@@ -74,8 +74,8 @@ PATTERNS = ("plain", "stripes", "band", "dashes", "spot", "checker", "split", "b
 # Each pattern comes in this many geometries (`Scene.variant`); captions never say which.
 NUM_VARIANTS = 3
 
-# How captions name a pattern: an adjective alone ("a striped star"), or a phrase with its second
-# colour ("a star with white stripes").
+# How `describe` names a pattern for a person (a subject's description; captions never do): an
+# adjective alone ("a striped star"), or a phrase with its second colour ("a star with white stripes").
 PATTERN_ADJECTIVES = {
     "stripes": "striped", "band": "banded", "dashes": "dashed", "spot": "spotted",
     "checker": "checkered", "split": "two-tone", "border": "bordered",
