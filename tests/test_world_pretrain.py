@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from dreamtune.errors import DreamtuneError
 from dreamtune.world.pretrain import pretrain
 
-TINY = {"vae_steps": 2, "unet_steps": 3, "batch_size": 2, "progress": False, "threads": 1, "vae_from": "shipped"}
+TINY = {"vae_steps": 2, "text_steps": 2, "text_batch_size": 4, "unet_steps": 3, "batch_size": 2, "progress": False,
+        "threads": 1, "vae_from": "shipped"}
 # The VAE phase too, rather than the shipped VAE.
 TINY_FROM_SCRATCH = {**TINY, "vae_from": ""}
 
@@ -18,13 +19,15 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path):
     TINY = TINY_FROM_SCRATCH
     whole = pretrain(tmp_path / "whole", **TINY)
     assert not (tmp_path / "parts" / "checkpoints").exists()
-    pretrain(tmp_path / "parts", stop_after_steps=3, **TINY)  # the VAE's 2 steps and one UNet step
-    state = (tmp_path / "parts" / "checkpoints" / "unet" / "state.json").read_text()
-    assert '"step": 1' in state
+    pretrain(tmp_path / "parts", stop_after_steps=3, **TINY)  # the VAE's 2 steps and one text step
+    assert '"step": 1' in (tmp_path / "parts" / "checkpoints" / "text" / "state.json").read_text()
+    assert not (tmp_path / "parts" / "checkpoints" / "unet").exists()
+    pretrain(tmp_path / "parts", stop_after_steps=2, **TINY)  # the last text step and one UNet step
+    assert '"step": 1' in (tmp_path / "parts" / "checkpoints" / "unet" / "state.json").read_text()
     parts = pretrain(tmp_path / "parts", **TINY)
-    for name in ("unet", "text_encoder", "ema"):
-        a = load_file(tmp_path / "whole" / "checkpoints" / "unet" / f"{name}.safetensors")
-        b = load_file(tmp_path / "parts" / "checkpoints" / "unet" / f"{name}.safetensors")
+    for phase, name in [("text", "clip"), ("unet", "unet"), ("unet", "text_encoder"), ("unet", "ema")]:
+        a = load_file(tmp_path / "whole" / "checkpoints" / phase / f"{name}.safetensors")
+        b = load_file(tmp_path / "parts" / "checkpoints" / phase / f"{name}.safetensors")
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     initial = load_file(tmp_path / "whole" / "checkpoints" / "vae" / "vae.safetensors")
@@ -68,14 +71,15 @@ def test_the_command_line_can_leave_the_pooled_prompt_out(tmp_path):
 
     from dreamtune.cli import main
 
-    assert main(["world", "pretrain", "--output-dir", str(tmp_path), "--vae-from", "shipped", "--unet-steps", "2",
+    assert main(["world", "pretrain", "--output-dir", str(tmp_path), "--vae-from", "shipped", "--text-steps", "0",
+                 "--unet-steps", "2",
                  "--batch-size", "2", "--threads", "1", "--no-pooled-prompt"]) == 0
     config = json.loads((tmp_path / "pipeline" / "unet" / "config.json").read_text())
     assert config["addition_embed_type"] is None
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
-    pretrain(tmp_path, stop_after_steps=3, **TINY)  # into the UNet phase, whose settings are then fixed
+    pretrain(tmp_path, stop_after_steps=5, **TINY)  # into the UNet phase, whose settings are then fixed
     with pytest.raises(DreamtuneError, match="batch_size"):
         pretrain(tmp_path, **{**TINY, "batch_size": 3})
 
@@ -108,11 +112,12 @@ def test_runs_saved_before_a_setting_existed_keep_their_meaning(tmp_path):
     from dreamtune.world.pretrain import export_checkpoint
 
     # A run of the first version's layout, its state written before unet_layout and vae_from existed.
-    pretrain(tmp_path, stop_after_steps=3, unet_layout="low", text_time_embedding=False, **TINY_FROM_SCRATCH)
+    pretrain(tmp_path, stop_after_steps=3, unet_layout="low", text_time_embedding=False,
+             **{**TINY_FROM_SCRATCH, "text_steps": 0})
     state_file = tmp_path / "checkpoints" / "unet" / "state.json"
     state = json.loads(state_file.read_text())
     for key in ("max_length", "text_time_embedding", "attention_at_top", "object_weight", "unet_layout",
-                "pattern_share", "vae_from"):
+                "pattern_share", "vae_from", "text_steps"):
         del state["settings"][key]
     state_file.write_text(json.dumps(state))
     pipe_dir = export_checkpoint(tmp_path, tmp_path / "exported")
@@ -120,7 +125,7 @@ def test_runs_saved_before_a_setting_existed_keep_their_meaning(tmp_path):
     assert config["addition_embed_type"] is None
     assert config["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
     with pytest.raises(DreamtuneError, match="unet_layout=low differs from sd"):
-        pretrain(tmp_path, text_time_embedding=False, **TINY_FROM_SCRATCH)  # today's layout differs from that run's
+        pretrain(tmp_path, text_time_embedding=False, **{**TINY_FROM_SCRATCH, "text_steps": 0})  # today's layout differs
 
 
 def test_continued_pretraining_copies_matching_tensors_and_starts_new_attention_as_identity(tmp_path):
@@ -140,3 +145,42 @@ def test_continued_pretraining_copies_matching_tensors_and_starts_new_attention_
     pretrain(tmp_path / "second", init_from=str(source), stop_after_steps=1, **TINY)
     with pytest.raises(DreamtuneError, match="init_from"):
         pretrain(tmp_path / "second", **TINY)  # resuming it from scratch instead is refused
+
+
+def test_the_text_encoder_learns_in_its_own_phase_and_stays_frozen_while_the_unet_learns(tmp_path):
+    from dreamtune.world.pretrain import PretrainSettings, build_components
+
+    pipe_dir = pretrain(tmp_path, **TINY)
+    initial = build_components(PretrainSettings(**{k: v for k, v in TINY.items() if k in ("text_steps",)}))
+    initial = initial["text_encoder"].state_dict()
+    phase = load_file(tmp_path / "checkpoints" / "text" / "clip.safetensors")
+    after_phase = {k[len("text_model."):]: v for k, v in phase.items() if k.startswith("text_model.")}
+    assert after_phase.keys() == initial.keys()
+    assert not torch.equal(after_phase["embeddings.token_embedding.weight"], initial["embeddings.token_embedding.weight"])
+    after_unet = load_file(tmp_path / "checkpoints" / "unet" / "text_encoder.safetensors")
+    assert all(torch.equal(after_unet[k], after_phase[k]) for k in after_phase)
+    shipped = load_file(pipe_dir / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(shipped[k], after_phase[k].half()) for k in shipped)
+    assert not any(k.startswith("text_encoder.") for k in load_file(tmp_path / "checkpoints" / "unet" / "ema.safetensors"))
+
+
+def test_with_no_text_phase_the_text_encoder_trains_with_the_unet(tmp_path):
+    pretrain(tmp_path, **{**TINY, "text_steps": 0})
+    assert not (tmp_path / "checkpoints" / "text").exists()
+    ema = load_file(tmp_path / "checkpoints" / "unet" / "ema.safetensors")
+    assert any(k.startswith("text_encoder.") for k in ema)
+
+
+def test_the_contrastive_loss_is_clips_when_each_caption_fits_only_its_image():
+    from transformers.models.clip.modeling_clip import image_text_contrastive_loss
+
+    from dreamtune.world.pretrain import _contrastive_loss
+
+    logits = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(_contrastive_loss(logits, torch.eye(6, dtype=torch.bool)), image_text_contrastive_loss(logits.T))
+    # A second caption that fits image 0 takes half of its image's target: the loss falls when both score high.
+    fits = torch.eye(6, dtype=torch.bool)
+    fits[0, 1] = True
+    low, high = logits.clone(), logits.clone()
+    low[0, 1], high[0, 1] = -5.0, 5.0
+    assert _contrastive_loss(high, fits) < _contrastive_loss(low, fits)

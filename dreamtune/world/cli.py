@@ -45,7 +45,9 @@ def register(subparsers) -> None:
     pre.add_argument("--output-dir", required=True, help="Run folder: checkpoints, log, and the pipeline in <dir>/pipeline.")
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--vae-steps", type=int, default=None, help="Steps of the VAE phase.")
-    pre.add_argument("--unet-steps", type=int, default=None, help="Steps of the UNet + text encoder phase.")
+    pre.add_argument("--text-steps", type=int, default=None,
+                     help="Steps of the text encoder's own (contrastive) phase; 0 trains it with the UNet instead.")
+    pre.add_argument("--unet-steps", type=int, default=None, help="Steps of the UNet phase.")
     pre.add_argument("--batch-size", type=int, default=None)
     pre.add_argument("--learning-rate", type=float, default=None, help="Peak learning rate of the UNet phase.")
     pre.add_argument("--object-weight", type=float, default=None,
@@ -149,6 +151,10 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides["init_from"] = str(Path(args.init_from).expanduser().resolve())
     if args.warmup_steps is not None:
         overrides["warmup_steps"] = args.warmup_steps
+    if args.text_steps is not None:
+        if args.text_steps < 0:
+            raise DreamtuneError(f"--text-steps must be 0 or more, got {args.text_steps}")
+        overrides["text_steps"] = args.text_steps
     if args.no_pooled_prompt:
         overrides["text_time_embedding"] = False
     if args.unet_channels:

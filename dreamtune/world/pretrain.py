@@ -1,10 +1,13 @@
 """Pretrain the shapes world's base model with the real Stable Diffusion component classes.
 
-Two phases, each resumable from atomic safetensors checkpoints:
+Three phases, each resumable from atomic safetensors checkpoints:
 1. the VAE (AutoencoderKL, 32 px -> 16x16x4 latents) on world images, patterned ones included so it
    can reconstruct the subjects' patterns later;
-2. the UNet (UNet2DConditionModel) and the CLIP text encoder jointly on plain and patterned world images and
-   prompt-style captions: v-prediction, a cosine ("squaredcos_cap_v2") schedule, a loss that weighs
+2. the CLIP text encoder, contrastively against a small CLIP vision tower on world images and their
+   captions (a caption counts as a match for every image it describes), as Stable Diffusion's text
+   encoder was trained on image-text pairs before its UNet;
+3. the UNet (UNet2DConditionModel) on plain and patterned world images and prompt-style captions,
+   the text encoder frozen: v-prediction, a cosine ("squaredcos_cap_v2") schedule, a loss that weighs
    the object's latent pixels more than the background's, 10% caption dropout (for classifier-free
    guidance) and an EMA of the weights. The UNet also takes the pooled prompt into its time
    embedding (diffusers' `addition_embed_type="text"`), beside the usual cross-attention.
@@ -81,6 +84,13 @@ class PretrainSettings:
     # cover 5-15% of an image, so a plain loss learns backgrounds first and shapes last.
     # It may change between resumed parts of a run.
     object_weight: float = 5.0
+    # The text phase: the CLIP text encoder is first trained contrastively against a small CLIP vision
+    # tower on world images and captions (as Stable Diffusion's text encoder was trained on web pairs
+    # before the UNet saw it), then frozen while the UNet learns. 0 trains it jointly with the UNet
+    # instead, as the earlier recipes did.
+    text_steps: int = 1500
+    text_batch_size: int = 64
+    text_learning_rate: float = 1e-3
 
     def __post_init__(self):
         self.unet_channels = tuple(self.unet_channels)  # JSON gives back a list
@@ -88,7 +98,7 @@ class PretrainSettings:
 
 # What runs saved before a setting existed used instead of it.
 _EARLIER_DEFAULTS = {"max_length": 77, "text_time_embedding": False, "attention_at_top": False, "object_weight": 1.0,
-                     "unet_layout": "low", "pattern_share": 0.0, "vae_from": "", "init_from": ""}
+                     "unet_layout": "low", "pattern_share": 0.0, "vae_from": "", "init_from": "", "text_steps": 0}
 
 
 def _saved_settings(state_file: Path) -> PretrainSettings:
@@ -301,6 +311,115 @@ def train_vae(components: dict, settings: PretrainSettings, run_dir: Path, *, re
     return True
 
 
+def _text_phase_clip(text_encoder):
+    """A CLIPModel whose text tower is `text_encoder`'s (shared modules) and whose vision tower is small and new."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    text_config = text_encoder.config
+    vision_config = CLIPVisionConfig(image_size=render.RESOLUTION, patch_size=4, hidden_size=text_config.hidden_size,
+                                     intermediate_size=text_config.intermediate_size, num_hidden_layers=4,
+                                     num_attention_heads=4, projection_dim=text_config.projection_dim)
+    clip = CLIPModel(CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
+                                projection_dim=text_config.projection_dim))
+    clip.text_model = text_encoder
+    return clip
+
+
+def _contrastive_loss(logits: torch.Tensor, fits: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric loss with several right answers: every caption that fits an image counts as its match.
+
+    `logits` [images, captions]; `fits` the same shape, True where the caption describes the image (its own
+    caption always does). Each side's target spreads evenly over the matches.
+    """
+    fits = fits.float()
+    per_image = -(torch.log_softmax(logits, dim=1) * fits / fits.sum(1, keepdim=True)).sum(1).mean()
+    per_caption = -(torch.log_softmax(logits, dim=0) * fits / fits.sum(0, keepdim=True)).sum(0).mean()
+    return 0.5 * (per_image + per_caption)
+
+
+@torch.no_grad()
+def _text_phase_accuracy(clip, tokenizer, settings: PretrainSettings) -> dict[str, float]:
+    """Zero-shot accuracy of the text tower on fresh images: which caption of each attribute fits best.
+
+    Class among "a photo of a {class}"; colour, background and size among captions that also name
+    the image's true class ("a photo of a {colour} star"), one attribute at a time.
+    """
+    images, _, scenes = render.training_batch(settings.seed + 4000, 0, 96, pattern_share=settings.pattern_share)
+    image_features = clip.get_image_features(pixel_values=_to_tensor(images)).pooler_output
+    image_features = torch.nn.functional.normalize(image_features, dim=-1)
+
+    def features(texts: list[str]) -> torch.Tensor:
+        tokens = tokenizer(texts, padding=True, return_tensors="pt")
+        return torch.nn.functional.normalize(clip.get_text_features(**tokens).pooler_output, dim=-1)
+
+    options = {"colour": render.COLOURS, "background": render.COLOURS, "size": tuple(render.SIZES)}
+    accuracy = {"class": float(((image_features @ features([f"a photo of a {c}" for c in render.CLASSES]).T).argmax(1)
+                                == torch.tensor([render.CLASSES.index(s.cls) for s in scenes])).float().mean())}
+    for attribute, values in options.items():
+        right = 0
+        for feature, scene in zip(image_features, scenes):
+            texts = [render.describe(scene.cls, **{attribute: v}) for v in values]
+            chosen = int((features(texts) @ feature).argmax())
+            right += values[chosen] == scene.attributes()[attribute]
+        accuracy[attribute] = right / len(scenes)
+    return accuracy
+
+
+def train_text(components: dict, settings: PretrainSettings, run_dir: Path, *, resume: bool, progress: bool,
+               stopwatch: _Stopwatch, log) -> bool:
+    """Phase 2: the text encoder, contrastively against a small vision tower. Returns True when done."""
+    text_encoder, tokenizer = components["text_encoder"], components["tokenizer"]
+    clip = _text_phase_clip(text_encoder)
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=settings.text_learning_rate, weight_decay=0.0)
+    folder = run_dir / "checkpoints" / "text"
+    start, _ = _restore(folder, resume, optimizer, {"clip": clip})
+    if start >= settings.text_steps:
+        return True
+    clip.train()
+    bar = _progress(settings.text_steps, start, "text", progress)
+    step = start
+    while step < settings.text_steps:
+        images, captions, scenes = render.training_batch(settings.seed + 5000, step, settings.text_batch_size,
+                                                         pattern_share=settings.pattern_share)
+        named = [render.caption_attributes(c) for c in captions]
+        fits = torch.tensor([[render.caption_fits(n, scene) for n in named] for scene in scenes])
+        # Captions are short and the mask is causal, so padding to the batch's longest changes no state
+        # the padded tokens precede: the same features as at 77 tokens, at a fraction of the cost.
+        tokens = tokenizer(captions, padding=True, return_tensors="pt")
+        output = clip(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                      pixel_values=_to_tensor(images))
+        loss = _contrastive_loss(output.logits_per_image, fits)
+        lr = settings.text_learning_rate * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / settings.text_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        stopwatch.tick()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        last = step == settings.text_steps
+        if step % 50 == 0:
+            log(f"text step {step} loss {loss.item():.4f}")
+        if step % 500 == 0:  # zero-shot accuracy, to watch the phase from its log
+            clip.eval()
+            log(f"text step {step} zero-shot accuracy {_text_phase_accuracy(clip, tokenizer, settings)}")
+            clip.train()
+        if last or step % settings.checkpoint_every == 0 or stopwatch.expired():
+            opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+            _save_checkpoint(run_dir / "checkpoints", "text", step,
+                             {"clip": clip.state_dict(), "optimizer": opt_tensors}, settings, {"optimizer": opt_meta})
+            if stopwatch.expired() and not last:
+                bar.close()
+                return False
+    bar.close()
+    return True
+
+
 @torch.no_grad()
 def _latent_scale(vae, settings: PretrainSettings) -> float:
     images, _, _ = render.training_batch(settings.seed + 2000, 0, 256)
@@ -324,21 +443,22 @@ def _object_weights(scenes, size: int, weight: float) -> torch.Tensor:
 
 def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, resume: bool, progress: bool,
                stopwatch: _Stopwatch, log) -> tuple[bool, dict]:
-    """Phase 2: UNet and text encoder jointly on the VAE's latents. Returns (done, EMA weights)."""
+    """Phase 3: the UNet on the VAE's latents, the text encoder frozen after its own phase (or, with
+    `text_steps` 0, trained jointly). Returns (done, EMA weights)."""
     unet, text_encoder, vae, scheduler = (components[k] for k in ("unet", "text_encoder", "vae", "scheduler"))
     vae.eval().requires_grad_(False)
+    joint_text = settings.text_steps == 0
+    if not joint_text:
+        text_encoder.eval().requires_grad_(False)
     scale = vae.config.scaling_factor
     params = {f"unet.{k}": p for k, p in unet.named_parameters()}
-    params.update({f"text_encoder.{k}": p for k, p in text_encoder.named_parameters()})
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": list(unet.parameters()), "weight_decay": 1e-2},
-            # No decay on the text encoder: it would shrink the embeddings of words never seen in
-            # training (rare identifiers such as "sks") towards zero.
-            {"params": list(text_encoder.parameters()), "weight_decay": 0.0},
-        ],
-        lr=settings.learning_rate,
-    )
+    groups = [{"params": list(unet.parameters()), "weight_decay": 1e-2}]
+    if joint_text:
+        params.update({f"text_encoder.{k}": p for k, p in text_encoder.named_parameters()})
+        # No decay on the text encoder: it would shrink the embeddings of words never seen in
+        # training (rare identifiers such as "sks") towards zero.
+        groups.append({"params": list(text_encoder.parameters()), "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate)
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -364,7 +484,7 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
         for _ in range(start):
             lr_scheduler.step()
     unet.train()
-    text_encoder.train()
+    text_encoder.train(joint_text)
     alphas_cumprod = scheduler.alphas_cumprod
     snr_all = alphas_cumprod / (1 - alphas_cumprod)
     bar = _progress(settings.unet_steps, start, "unet", progress)
@@ -383,7 +503,8 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = scheduler.get_velocity(latents, noise, timesteps)
-        hidden = _encode_prompts(components, captions)
+        with torch.set_grad_enabled(joint_text):
+            hidden = _encode_prompts(components, captions)
         pred = unet(noisy, timesteps, hidden).sample
         # Optional Min-SNR-gamma weighting for v-prediction: weight = min(snr, gamma) / (snr + 1).
         snr = snr_all[timesteps]
@@ -537,7 +658,7 @@ def pretrain(
 ) -> Path:
     """Train the shapes world's base model into `<output_dir>/pipeline` and return that folder.
 
-    Phases run in order (VAE, then UNet + text encoder); with `resume` (the default) a run picks up
+    Phases run in order (VAE, text encoder, UNet); with `resume` (the default) a run picks up
     from `<output_dir>/checkpoints`. `minutes` stops early (after a checkpoint) once that much wall
     time has passed, `stop_after_steps` after that many steps; call again to go on. The settings of a resumed run must match the first.
     A log of losses goes to `<output_dir>/pretrain.log`.
@@ -570,8 +691,10 @@ def pretrain(
             fh.write(f"[{time.monotonic() - started:7.1f}s] {message}\n")
 
     phase_keys = {"vae": ("seed", "vae_batch_size"),
+                  "text": ("seed", "text_batch_size", "text_hidden_size", "text_layers", "max_length"),
                   "unet": ("seed", "batch_size", "text_hidden_size", "text_layers", "unet_channels", "max_length",
-                           "text_time_embedding", "attention_at_top", "unet_layout", "vae_from", "init_from")}
+                           "text_time_embedding", "attention_at_top", "unet_layout", "vae_from", "init_from",
+                           "text_steps")}
     for phase, keys in phase_keys.items():
         previous = run_dir / "checkpoints" / phase / "state.json"
         if resume and previous.exists():
@@ -596,6 +719,11 @@ def pretrain(
             log("stopped in the vae phase (time limit); resume to go on")
             return run_dir / "pipeline"
         components["vae"].register_to_config(scaling_factor=_latent_scale(components["vae"], settings))
+    if settings.text_steps and not settings.init_from:
+        if not train_text(components, settings, run_dir, resume=resume, progress=progress, stopwatch=stopwatch,
+                          log=log):
+            log("stopped in the text phase (time limit); resume to go on")
+            return run_dir / "pipeline"
     done, ema = train_unet(components, settings, run_dir, resume=resume, progress=progress,
                            stopwatch=stopwatch, log=log)
     if not done:
