@@ -105,10 +105,10 @@ def register(subparsers) -> None:
     subjects.set_defaults(func=_subjects)
 
     quality = commands.add_parser("quality", help="Measure a base model with the oracle on held-out prompts.",
-                                  description="Samples prompts built from combinations held out of pretraining (plain "
-                                  "colour-class pairs, and reserved class-pattern-colour combinations), each with a "
-                                  "background and size, and prints the share of images that honour each "
-                                  "attribute with a 95%% bootstrap interval.")
+                                  description="Samples prompts built from colour-class pairs held out of pretraining, "
+                                  "and from pairs it saw, each with a background and size, and prints the share of "
+                                  "images that honour each attribute with a 95% bootstrap interval, beside the share "
+                                  "of images showing a two-colour object.")
     quality.add_argument("--model", default=None, help="Pipeline folder (default: the shipped model).")
     quality.add_argument("--steps", type=int, default=25, help="Sampling steps.")
     quality.add_argument("--guidance", type=float, default=None, help="Guidance scale (default: the model's).")

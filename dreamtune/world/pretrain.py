@@ -57,7 +57,7 @@ class PretrainSettings:
     checkpoint_every: int = 250
     text_hidden_size: int = 96
     text_layers: int = 4
-    unet_channels: tuple = (64, 128, 128)
+    unet_channels: tuple = (48, 96, 128)
     # Prompts padded to CLIP's 77 tokens, as Stable Diffusion's are.
     max_length: int = 77
     # Also feed the pooled prompt into the time embedding (diffusers' `addition_embed_type="text"`), as
