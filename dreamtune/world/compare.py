@@ -28,16 +28,16 @@ from .subjects import Subject, get_subject, write_subject_images
 SINGLE_MODELS: dict[str, tuple[str, dict]] = {
     "dreambooth": ("dreambooth", {}),
     "dreambooth, no prior": ("dreambooth", {"with_prior_preservation": False}),
-    # The paper's 200 real regularisation images.
-    "custom_diffusion": ("custom_diffusion", {"num_class_images": 200}),
+    "custom_diffusion": ("custom_diffusion", {}),
     "textual_inversion": ("textual_inversion", {}),
     "lora": ("lora", {}),
 }
-NUM_REAL_CLASS_IMAGES = 200
 
 
-def write_real_class_images(cls: str, out_dir: Path, count: int = NUM_REAL_CLASS_IMAGES, seed: int = 0) -> Path:
+def write_real_class_images(cls: str, out_dir: Path, count: int | None = None, seed: int = 0) -> Path:
     """Write `count` world scenes of a class with their captions (.txt beside each PNG); reuse a finished folder.
+
+    `count` defaults to the world's Custom Diffusion setting (`demo.METHOD_SETTINGS`: the paper's 200).
 
     These are the world's "real images" of the class: drawn, not generated, half of them patterned,
     none of a reserved (subject) combination, captioned as the pretraining data is.
@@ -45,7 +45,9 @@ def write_real_class_images(cls: str, out_dir: Path, count: int = NUM_REAL_CLASS
     import numpy as np
 
     from ..io import save_image
+    from .demo import METHOD_SETTINGS
 
+    count = count or METHOD_SETTINGS["custom_diffusion"]["num_class_images"]
     done = out_dir / ".complete"
     if done.exists():
         return out_dir

@@ -47,8 +47,11 @@ MIN_CLASS_IMAGES = 12
 METHOD_SETTINGS = {
     "dreambooth": {"identifier": "sks", "max_train_steps": 400, "learning_rate": 1e-4, "train_batch_size": 2,
                    "train_text_encoder": True, "text_encoder_lr": 3e-4},
+    # Regularised as in the paper, with 200 real images of the class and their captions (the world's drawn
+    # scenes, `compare.write_real_class_images`): captions that name backgrounds and sizes keep those words
+    # working while the keys and values change.
     "custom_diffusion": {"identifier": "<new1>", "max_train_steps": 600, "learning_rate": 1e-3,
-                         "train_batch_size": 2, "scale_lr": False, "augment": "off"},
+                         "train_batch_size": 2, "scale_lr": False, "augment": "off", "num_class_images": 200},
     "textual_inversion": {"identifier": "<new1>", "max_train_steps": 500, "learning_rate": 5e-3,
                           "train_batch_size": 2, "scale_lr": False, "with_prior_preservation": False},
     "lora": {"identifier": "sks", "max_train_steps": 400, "learning_rate": 1e-3, "train_batch_size": 2,
@@ -312,7 +315,12 @@ def run_demo(subject: str = "striped_star", method: str = "all", steps: int | No
     rows.append(scores)
     del base
     for name in methods:
-        config = train_config(chosen, name, instance_dir, out / "class_images", out / name, steps=steps, seed=seed,
+        class_dir = out / "class_images"
+        if name == "custom_diffusion":
+            from .compare import write_real_class_images
+
+            class_dir = write_real_class_images(chosen.class_noun, out / "real_images" / chosen.class_noun, seed=seed)
+        config = train_config(chosen, name, instance_dir, class_dir, out / name, steps=steps, seed=seed,
                               base_model=base_model)
         t0 = time.monotonic()
         result = train(config, overwrite=True, progress=progress)

@@ -211,6 +211,24 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, lr: float) -> None:
+    """One step at learning rate `lr`, gradients clipped to norm 1."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+
+
+def _save_phase(run_dir: Path, phase: str, step: int, tensors: dict[str, dict], optimizer, settings,
+                extra: dict | None = None) -> None:
+    """Checkpoint a phase: its tensors, its optimizer state and the settings."""
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    _save_checkpoint(run_dir / "checkpoints", phase, step, {**tensors, "optimizer": opt_tensors}, settings,
+                     {"optimizer": opt_meta, **(extra or {})})
+
+
 def _progress(total: int, initial: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -286,12 +304,7 @@ def train_vae(components: dict, settings: PretrainSettings, run_dir: Path, *, re
         loss = mse + torch.nn.functional.l1_loss(recon, pixels) * 0.5 + 1e-6 * posterior.kl().mean()
         # Cosine decay to 10%: the VAE settles faster and sharper than at a constant rate.
         lr = settings.vae_learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / settings.vae_steps)))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
+        _optimizer_step(optimizer, loss, vae.parameters(), lr)
         step += 1
         stopwatch.tick()
         bar.update(1)
@@ -300,10 +313,7 @@ def train_vae(components: dict, settings: PretrainSettings, run_dir: Path, *, re
             log(f"vae step {step} mse {mse.item():.5f}")
         last = step == settings.vae_steps
         if last or step % settings.checkpoint_every == 0 or stopwatch.expired():
-            opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-            _save_checkpoint(run_dir / "checkpoints", "vae", step,
-                             {"vae": vae.state_dict(), "optimizer": opt_tensors}, settings,
-                             {"optimizer": opt_meta})
+            _save_phase(run_dir, "vae", step, {"vae": vae.state_dict()}, optimizer, settings)
             if stopwatch.expired() and not last:
                 bar.close()
                 return False
@@ -390,12 +400,7 @@ def train_text(components: dict, settings: PretrainSettings, run_dir: Path, *, r
                       pixel_values=_to_tensor(images))
         loss = _contrastive_loss(output.logits_per_image, fits)
         lr = settings.text_learning_rate * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / settings.text_steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
-        optimizer.step()
+        _optimizer_step(optimizer, loss, clip.parameters(), lr)
         with torch.no_grad():
             clip.logit_scale.clamp_(0, math.log(100))
         step += 1
@@ -410,9 +415,7 @@ def train_text(components: dict, settings: PretrainSettings, run_dir: Path, *, r
             log(f"text step {step} zero-shot accuracy {_text_phase_accuracy(clip, tokenizer, settings)}")
             clip.train()
         if last or step % settings.checkpoint_every == 0 or stopwatch.expired():
-            opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-            _save_checkpoint(run_dir / "checkpoints", "text", step,
-                             {"clip": clip.state_dict(), "optimizer": opt_tensors}, settings, {"optimizer": opt_meta})
+            _save_phase(run_dir, "text", step, {"clip": clip.state_dict()}, optimizer, settings)
             if stopwatch.expired() and not last:
                 bar.close()
                 return False
@@ -533,13 +536,8 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
             log(f"unet step {step} loss {np.mean(losses[-50:]):.5f} lr {lr:.2e}")
         last = step == settings.unet_steps
         if last or step % settings.checkpoint_every == 0 or stopwatch.expired():
-            opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-            _save_checkpoint(
-                run_dir / "checkpoints", "unet", step,
-                {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "ema": ema_weights(),
-                 "optimizer": opt_tensors},
-                settings, {"optimizer": opt_meta},
-            )
+            _save_phase(run_dir, "unet", step, {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                                                "ema": ema_weights()}, optimizer, settings)
             if stopwatch.expired() and not last:
                 bar.close()
                 return False, ema_weights()
@@ -775,21 +773,13 @@ def refine_decoder(run_dir: str | Path, *, steps: int = 1500, batch_size: int = 
         mse = torch.nn.functional.mse_loss(recon, pixels)
         loss = mse + 0.5 * torch.nn.functional.l1_loss(recon, pixels)
         lr = learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder_params, 1.0)
-        optimizer.step()
+        _optimizer_step(optimizer, loss, decoder_params, lr)
         step += 1
         stopwatch.tick()
         bar.update(1)
         bar.set_postfix(mse=f"{mse.item():.4f}")
         if step == steps or step % 100 == 0 or stopwatch.expired():
-            opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-            _save_checkpoint(run_dir / "checkpoints", "decoder", step,
-                             {"vae": vae.state_dict(), "optimizer": opt_tensors}, settings,
-                             {"optimizer": opt_meta, "mse": mse.item()})
+            _save_phase(run_dir, "decoder", step, {"vae": vae.state_dict()}, optimizer, settings, {"mse": mse.item()})
             if stopwatch.expired():
                 break
     bar.close()
