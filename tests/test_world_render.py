@@ -4,7 +4,6 @@ subject combinations, rare words in captions."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from dreamtune.world import render
 from dreamtune.world.subjects import SUBJECTS
@@ -72,24 +71,3 @@ def test_every_variant_of_every_pattern_draws_differently():
 def test_shipped_subjects_are_reserved():
     for subject in SUBJECTS.values():
         assert render.is_reserved(subject.cls, subject.pattern, subject.colour, subject.colour2), subject.name
-
-
-def test_caption_attributes_reads_back_exactly_what_a_caption_names():
-    import itertools
-
-    rng = np.random.default_rng(3)
-    for size, colour, background, prefix, article in itertools.product(
-        (None, "small"), (None, "orange"), (None, "blue"), ("", "an image of "), (True, False)
-    ):
-        text = render.describe("star", colour=colour, background=background, size=size, prefix=prefix, article=article)
-        named = {"class": "star", "colour": colour, "background": background, "size": size}
-        assert render.caption_attributes(text) == {k: v for k, v in named.items() if v}, text
-    for _ in range(500):
-        scene = render.random_scene(rng, pattern_share=0.5)
-        text = render.caption(scene, rng)
-        named = render.caption_attributes(text)
-        assert named["class"] == scene.cls and render.caption_fits(named, scene), text
-        other = dict(named, **{"class": next(c for c in render.CLASSES if c != scene.cls)})
-        assert not render.caption_fits(other, scene)
-    with pytest.raises(ValueError, match="not a world caption"):
-        render.caption_attributes("a star with white stripes")

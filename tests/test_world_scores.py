@@ -8,6 +8,7 @@ import pytest
 from dreamtune.errors import DreamtuneError
 from dreamtune.world import oracle, render, scores
 from dreamtune.world.render import Scene
+from dreamtune.world.scores import caption_attributes, caption_fits
 from dreamtune.world.subjects import SUBJECTS, generate_subjects, get_subject, subject_prompts
 
 
@@ -119,3 +120,24 @@ def test_demo_rows_survive_a_json_round_trip_and_print_with_intervals():
     table = format_table([back])
     assert table.splitlines()[0].startswith("dreambooth") and "subject 1.00 [1.00,1.00]" in table
     assert "drift 1.00" in table and "background 1.00 [" in table
+
+
+def test_caption_attributes_reads_back_exactly_what_a_caption_names():
+    import itertools
+
+    rng = np.random.default_rng(3)
+    for size, colour, background, prefix, article in itertools.product(
+        (None, "small"), (None, "orange"), (None, "blue"), ("", "an image of "), (True, False)
+    ):
+        text = render.describe("star", colour=colour, background=background, size=size, prefix=prefix, article=article)
+        named = {"class": "star", "colour": colour, "background": background, "size": size}
+        assert caption_attributes(text) == {k: v for k, v in named.items() if v}, text
+    for _ in range(500):
+        scene = render.random_scene(rng, pattern_share=0.5)
+        text = render.caption(scene, rng)
+        named = caption_attributes(text)
+        assert named["class"] == scene.cls and caption_fits(named, scene), text
+        other = dict(named, **{"class": next(c for c in render.CLASSES if c != scene.cls)})
+        assert not caption_fits(other, scene)
+    with pytest.raises(ValueError, match="not a world caption"):
+        caption_attributes("a photo of a red dog")

@@ -34,6 +34,7 @@ from ..assets import CLIP_TOKENIZER_DIR
 from ..errors import DreamtuneError
 from ..io import atomic_dir, save_safetensors, write_json
 from . import render
+from .scores import caption_attributes, caption_fits
 
 
 @dataclass
@@ -391,8 +392,8 @@ def train_text(components: dict, settings: PretrainSettings, run_dir: Path, *, r
     while step < settings.text_steps:
         images, captions, scenes = render.training_batch(settings.seed + 5000, step, settings.text_batch_size,
                                                          pattern_share=settings.pattern_share)
-        named = [render.caption_attributes(c) for c in captions]
-        fits = torch.tensor([[render.caption_fits(n, scene) for n in named] for scene in scenes])
+        named = [caption_attributes(c) for c in captions]
+        fits = torch.tensor([[caption_fits(n, scene) for n in named] for scene in scenes])
         # Captions are short and the mask is causal, so padding to the batch's longest changes no state
         # the padded tokens precede: the same features as at 77 tokens, at a fraction of the cost.
         tokens = tokenizer(captions, padding=True, return_tensors="pt")

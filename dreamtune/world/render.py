@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -431,35 +430,6 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
         prefix=prefix,
         article=article,
     )
-
-
-_CAPTION_PATTERN = re.compile(
-    r"^(?:a photo of |a picture of |an image of )?(?:an? )?"
-    r"(?:(?P<size>" + "|".join(SIZES) + r") )?"
-    r"(?:(?P<colour>" + "|".join(COLOURS) + r") )?"
-    r"(?:\S+ )?"
-    r"(?P<cls>" + "|".join(CLASSES) + r")"
-    r"(?: on an? (?P<background>" + "|".join(COLOURS) + r") background)?$"
-)
-
-
-def caption_attributes(text: str) -> dict[str, str]:
-    """The attributes a training caption names: class always, colour, background and size when named.
-
-    The inverse of `caption` (a rare word before the class noun names nothing); raises ValueError on
-    text `caption` does not write.
-    """
-    found = _CAPTION_PATTERN.match(text)
-    if not found:
-        raise ValueError(f"not a world caption: {text!r}")
-    names = {"size": "size", "colour": "colour", "cls": "class", "background": "background"}
-    return {names[k]: v for k, v in found.groupdict().items() if v}
-
-
-def caption_fits(named: dict[str, str], scene: Scene) -> bool:
-    """True when a caption naming `named` (from `caption_attributes`) describes the scene."""
-    have = {"class": scene.cls, "colour": scene.colour, "background": scene.background, "size": scene.size}
-    return all(have[k] == v for k, v in named.items())
 
 
 # ---------------------------------------------------------------- sampling scenes

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import oracle
-from .render import COLOURS, SIZES
+from .render import CLASSES, COLOURS, SIZES, Scene
 
 # Position is not in the world's vocabulary (render.CAPTION_KEEP): no prompt names a place.
 PROMPT_ATTRIBUTES = ("background", "size", "colour")
@@ -101,6 +101,26 @@ def prompted_attributes(text: str) -> dict:
             if "with" not in words[:index]:
                 wanted["colour"] = word
     return {k: wanted[k] for k in PROMPT_ATTRIBUTES if k in wanted}
+
+
+_CLASS = re.compile(r"\b(" + "|".join(CLASSES) + r")\b")
+
+
+def caption_attributes(text: str) -> dict:
+    """Every attribute a world caption names, its class included (`prompted_attributes` and the class noun).
+
+    Raises ValueError when the text names no class of the world.
+    """
+    found = _CLASS.search(text)
+    if not found:
+        raise ValueError(f"not a world caption (no class noun): {text!r}")
+    return {"class": found.group(1), **prompted_attributes(text)}
+
+
+def caption_fits(named: dict, scene: Scene) -> bool:
+    """True when a caption naming `named` (from `caption_attributes`) describes the scene."""
+    have = {"class": scene.cls, "colour": scene.colour, "background": scene.background, "size": scene.size}
+    return all(have[k] == v for k, v in named.items())
 
 
 @dataclass
