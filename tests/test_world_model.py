@@ -83,10 +83,13 @@ def test_quality_measure_runs_on_a_few_samples(pipe):
     assert "held-out" in table and "two-colour" in table
 
 
-def test_demo_runs_a_short_personalization_on_the_shipped_model(tmp_path, capsys):
+def test_demo_runs_a_short_personalization_on_the_shipped_model(tmp_path, capsys, monkeypatch):
     import hashlib
 
     from dreamtune.cli import main
+
+    # Two cores, as CI's machine: the models are trained and scored in two worker processes at a thread each.
+    monkeypatch.setattr("dreamtune.world.demo._cores", lambda: 2)
 
     def digest():
         return {p.relative_to(MODEL_DIR).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -109,6 +112,22 @@ def test_demo_runs_a_short_personalization_on_the_shipped_model(tmp_path, capsys
     assert "dreambooth" in printed and (out / "grid.png").stat().st_size > 0
     assert "<table>" in (out / "report.html").read_text()
     assert digest() == before  # personalizing never writes into the shipped model
+    assert "2 worker processes" in printed
+
+    # The same demo in this process, at the workers' one thread, gives the same figures and the same grid.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["demo", "--steps", "5", "--method", "dreambooth", "--subject", "gen-0-1", "--images-per-prompt",
+                     "1", "--jobs", "1", "--output-dir", str(tmp_path / "in-process")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "worker processes" not in capsys.readouterr().out
+    again = json.loads((tmp_path / "in-process" / "metrics.json").read_text())
+    for row in metrics["models"] + again["models"]:
+        row.pop("train_seconds")
+    assert again["models"] == metrics["models"]
+    assert (tmp_path / "in-process" / "grid.png").read_bytes() == (out / "grid.png").read_bytes()
     # A second run into the same folder is refused rather than overwriting it.
     assert main(["demo", "--steps", "5", "--method", "dreambooth", "--output-dir", str(out)]) != 0
     assert "--overwrite" in capsys.readouterr().err

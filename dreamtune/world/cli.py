@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     demo.add_argument("--model", default=None, help="A shapes-world pipeline folder (default: the shipped model).")
     demo.add_argument("--images-per-prompt", type=int, default=8,
                       help="Images sampled per prompt for the scores (fewer: quicker, wider intervals).")
+    demo.add_argument("--jobs", type=int, default=None,
+                      help="Worker processes that train and score the models side by side (default: one per core, "
+                      "at most one per model); 1 runs everything in this process, with progress bars.")
     demo.set_defaults(func=_demo)
 
     world = subparsers.add_parser("world", help="The shapes world: pretrain its base model, write subjects, measure quality.")
@@ -252,6 +255,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     _positive(args.steps, "--steps")
     _positive(args.images_per_prompt, "--images-per-prompt")
+    _positive(args.jobs, "--jobs")
     run_demo(subject=args.subject, method=args.method, steps=args.steps, output_dir=args.output_dir,
-             overwrite=args.overwrite, seed=args.seed, model=args.model, images_per_prompt=args.images_per_prompt)
+             overwrite=args.overwrite, seed=args.seed, model=args.model, images_per_prompt=args.images_per_prompt,
+             jobs=args.jobs)
     return 0

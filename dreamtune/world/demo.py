@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -275,18 +276,90 @@ def _quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_jobs(models: int) -> int:
+    """Worker processes for `models` independent models: one per core this process may use, at most one a model.
+
+    The demo's models are small, so one model's step keeps a core busy and not two: on 2 cores,
+    DreamBooth and Custom Diffusion side by side at a thread each finish sooner than one after the other at two.
+    """
+    return max(1, min(_cores(), models))
+
+
+def _model_job(name: str, *, subject: str, base_model: Path, out: Path, steps: int | None, seed: int,
+               images_per_prompt: int, progress: bool, threads: int | None = None) -> tuple[ModelScores, dict]:
+    """One row of the demo: score the base model, or train a method on the subject and score the result.
+
+    Runs in the demo's process or in a worker process (then with `threads` torch threads); every
+    input is a seed or a file, so the row is the same either way.
+    """
+    import torch
+
+    from ..pipeline import load_pipeline
+    from ..training import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    _quiet_libraries()
+    chosen = get_subject(subject)
+    if name == "base model":
+        pipe = load_pipeline(str(base_model))
+        return score_model(name, pipe, chosen, "sks", seed=seed, progress=progress,
+                           images_per_prompt=images_per_prompt)
+    class_dir = out / "class_images"
+    if name == "custom_diffusion":
+        from .compare import write_real_class_images
+
+        class_dir = write_real_class_images(chosen.class_noun, out / "real_images" / chosen.class_noun, seed=seed)
+    config = train_config(chosen, name, out / "subject", class_dir, out / name, steps=steps, seed=seed,
+                          base_model=base_model)
+    t0 = time.monotonic()
+    result = train(config, overwrite=True, progress=progress)
+    seconds = time.monotonic() - t0
+    pipe = load_pipeline(str(base_model), result.artifact_dir)
+    scores, data = score_model(name, pipe, chosen, config.concepts[0].identifier, seed=seed, progress=progress,
+                               images_per_prompt=images_per_prompt)
+    scores.train_seconds = seconds
+    return scores, data
+
+
+def _run_jobs(names: list[str], jobs: int, job_args: dict, say, started: float) -> list[tuple[ModelScores, dict]]:
+    """`_model_job` for each name in `jobs` worker processes (the cores shared out), in the names' order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, _cores() // jobs)
+    say(f"{len(names)} models in {jobs} worker processes ({threads} thread{'s' if threads > 1 else ''} each); "
+        "each line below is one finished")
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool inherited
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(_model_job, name, progress=False, threads=threads, **job_args): name
+                   for name in names}
+        try:
+            for future in as_completed(futures):
+                scores, _ = future.result()
+                trained = f", trained in {scores.train_seconds:.0f} s" if scores.train_seconds else ""
+                say(f"  {futures[future]}: scored{trained} ({time.monotonic() - started:.0f} s)")
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # models not started yet are dropped
+            raise
+        return [future.result() for future in futures]
+
+
 def run_demo(subject: str = "striped_star", method: str = "all", steps: int | None = None,
              output_dir: str | Path = "dreamtune-demo", overwrite: bool = False, seed: int = 0,
              progress: bool = True, quiet: bool = False, model: str | Path | None = None,
-             images_per_prompt: int = IMAGES_PER_PROMPT) -> list[ModelScores]:
+             images_per_prompt: int = IMAGES_PER_PROMPT, jobs: int | None = None) -> list[ModelScores]:
     """Personalize the shipped model on a shipped subject with each method; print and write the comparison.
 
     Returns one `ModelScores` per model (the base model first). Refuses a non-empty `output_dir`
     unless `overwrite`. `model` is another shapes-world pipeline folder (default: the shipped one).
+    `jobs` worker processes share the models out (default: one per core, at most one per model); with
+    1 everything runs in this process, with progress bars.
     """
-    from ..pipeline import load_pipeline
-    from ..training import train
-
     chosen = get_subject(subject)
     methods = _methods(method)
     base_model = Path(model).expanduser() if model else MODEL_DIR
@@ -307,31 +380,16 @@ def run_demo(subject: str = "striped_star", method: str = "all", steps: int | No
     write_subject_images(chosen, instance_dir)
     say(f"subject {chosen.name}: {chosen.description}; {len(chosen.reference_scenes())} images in {instance_dir}")
 
-    rows: list[ModelScores] = []
-    samples: dict[str, dict] = {}
-    base = load_pipeline(str(base_model))
-    scores, samples["base model"] = score_model("base model", base, chosen, "sks", seed=seed, progress=progress,
-                                                images_per_prompt=images_per_prompt)
-    rows.append(scores)
-    del base
-    for name in methods:
-        class_dir = out / "class_images"
-        if name == "custom_diffusion":
-            from .compare import write_real_class_images
-
-            class_dir = write_real_class_images(chosen.class_noun, out / "real_images" / chosen.class_noun, seed=seed)
-        config = train_config(chosen, name, instance_dir, class_dir, out / name, steps=steps, seed=seed,
-                              base_model=base_model)
-        t0 = time.monotonic()
-        result = train(config, overwrite=True, progress=progress)
-        seconds = time.monotonic() - t0
-        pipe = load_pipeline(str(base_model), result.artifact_dir)
-        identifier = config.concepts[0].identifier
-        scores, samples[name] = score_model(name, pipe, chosen, identifier, seed=seed, progress=progress,
-                                               images_per_prompt=images_per_prompt)
-        scores.train_seconds = seconds
-        rows.append(scores)
-        del pipe, result
+    names = ["base model", *methods]
+    jobs = default_jobs(len(names)) if jobs is None else max(1, min(jobs, len(names)))
+    job_args = {"subject": chosen.name, "base_model": base_model, "out": out, "steps": steps, "seed": seed,
+                "images_per_prompt": images_per_prompt}
+    if jobs == 1:
+        results = [_model_job(name, progress=progress, **job_args) for name in names]
+    else:
+        results = _run_jobs(names, jobs, job_args, say, started)
+    rows = [scores for scores, _ in results]
+    samples = {name: data for name, (_, data) in zip(names, results)}
 
     # Grid: one row per model, the first image of a spread of prompts, then two plain-class images.
     prompts = samples["base model"]["prompts"]
