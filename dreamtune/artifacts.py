@@ -106,7 +106,8 @@ def foreign_artifact(path: Path, method: str, *, tokens: list[str] | tuple = (),
     concepts = []
     for token in tokens:
         after = prompt.split(token, 1)[1].split() if token in prompt else []
-        concepts.append({"identifier": token, "class_noun": after[0] if after else ""})
+        concepts.append({"identifier": token, "class_noun": after[0] if after else "",
+                         **({"instance_prompt": prompt} if token in prompt else {})})
     extra.setdefault("concepts", concepts)
     return ArtifactInfo(folder, method, card.get("base_model", "") if base_model is None else base_model,
                         list(tokens), "", {"source": "foreign", **extra})

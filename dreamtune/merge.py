@@ -6,10 +6,12 @@ For every cross-attention key and value weight the merge solves
 
 where W0 is the base weight, C_reg the text features (the text encoder's outputs, one row per token
 after the start token up to the end token) of about 200 regularisation captions, C the features of
-each concept's prompts "<new_i> class" and "a photo of <new_i> class" from its modifier token up to
-the end token, and V = C_i W_i^T what each fine-tuned weight W_i makes of its own concept's rows. The
+each concept's prompts "<new_i> class", "a photo of <new_i> class" and the prompt it was trained on
+(recorded in its dreamtune.json, e.g. "a photo of a <new_i> class") from its modifier token up to the
+end token, and V = C_i W_i^T what each fine-tuned weight W_i makes of its own concept's rows. The
 words before the modifier token are the same for every concept and stay under the regularisation
-term only, as in the reference code. With M = C_reg^T C_reg the solution is
+term only, as in the reference code; but the text encoder is causal, so the modifier token's features
+depend on them, and the training prompt's own rows are the ones its prompts at inference share. With M = C_reg^T C_reg the solution is
 
     W^T = W0^T + M^{-1} C^T (C M^{-1} C^T)^{-1} (V - C W0^T)
 
@@ -145,13 +147,16 @@ def token_features(pipe, prompt: str, start: int = 1) -> torch.Tensor:
     return hidden[start : len(ids[0])].double().cpu()
 
 
-def concept_features(pipe, identifier: str, class_noun: str) -> torch.Tensor:
-    """Constraint rows of one concept: its prompts' features from the identifier through the end token."""
+def concept_features(pipe, identifier: str, class_noun: str, prompts: Sequence[str] = ()) -> torch.Tensor:
+    """Constraint rows of one concept: its prompts' features from the identifier through the end token.
+
+    The prompts are CONCEPT_PROMPTS and `prompts` (those it was trained on), each once.
+    """
     tok = pipe.tokenizer
     ident_ids = tok(identifier, add_special_tokens=False).input_ids
     rows = []
-    for template in CONCEPT_PROMPTS:
-        prompt = template.format(identifier=identifier, class_noun=class_noun).strip()
+    texts = [t.format(identifier=identifier, class_noun=class_noun).strip() for t in CONCEPT_PROMPTS]
+    for prompt in dict.fromkeys([*texts, *(p.strip() for p in prompts if identifier in p)]):
         ids = tok(prompt).input_ids
         start = next((i for i in range(len(ids)) if ids[i : i + len(ident_ids)] == ident_ids), 1)
         rows.append(token_features(pipe, prompt, start))
@@ -224,6 +229,7 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
         base = next(iter(bases))
     owners: dict[str, int] = {}
     concepts: list[tuple[int, str, str]] = []
+    trained_on: dict[str, list[str]] = {}
     for i, info in enumerate(infos):
         listed = info.extra.get("concepts") or []
         if not listed:
@@ -236,6 +242,7 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
                     "with another identifier (e.g. <new2>) before merging.")
             owners[token] = i
             concepts.append((i, token, c["class_noun"]))
+            trained_on[token] = [c["instance_prompt"]] if c.get("instance_prompt") else []
     out_dir = Path(out_dir).expanduser()
     captions = read_captions(reg_captions, num_reg_captions)
 
@@ -259,7 +266,7 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
         logger.warning("the %d regularisation captions span %d of %d text-feature directions; the weights are held "
                        "near the base only there. About 200 varied captions are recommended.",
                        len(captions), covered, c_reg.shape[1])
-    features = [concept_features(pipe, token, class_noun) for _, token, class_noun in concepts]
+    features = [concept_features(pipe, token, class_noun, trained_on[token]) for _, token, class_noun in concepts]
     merged, layers = {}, {}
     for name in names:
         c = torch.cat(features)
@@ -279,7 +286,8 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
     result = MergeResult(out_dir, tokens, max(r["constraint_rows"] for r in layers.values()),
                          max(r["relative_constraint_error"] for r in layers.values()), layers)
     meta = metadata(CustomDiffusion.name, base, tokens,
-                    concepts=[{"identifier": t, "class_noun": n} for _, t, n in concepts],
+                    concepts=[{"identifier": t, "class_noun": n, **({"instance_prompt": trained_on[t][0]} if trained_on[t] else {})}
+                              for _, t, n in concepts],
                     train_params="crossattn_kv", weight_file=WEIGHT_NAME,
                     token_files={t: f"{t}.safetensors" for t in tokens},
                     merge={"sources": [str(info.path.resolve()) for info in infos], "num_reg_captions": len(captions),

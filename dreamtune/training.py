@@ -700,7 +700,8 @@ def save_artifact(method, components: Components, artifact_dir: Path, config: Tr
     from .io import atomic_dir
 
     meta = metadata(method.name, config.pretrained_model_name_or_path, method.tokens, family=components.family.name,
-                    concepts=[{"identifier": c.identifier, "class_noun": c.class_noun} for c in config.concepts])
+                    concepts=[{"identifier": c.identifier, "class_noun": c.class_noun, "instance_prompt": c.prompt}
+                              for c in config.concepts])
     with atomic_dir(artifact_dir) as tmp:
         method.save_artifact(components, tmp, meta)
         write_metadata(tmp, meta)

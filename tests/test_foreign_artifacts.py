@@ -81,7 +81,8 @@ def test_custom_diffusion_script_output_loads_and_merges(tiny_model_dir, tmp_pat
 
     info = read_artifact(a)
     assert (info.method, info.tokens, info.base_model) == ("custom_diffusion", ["<new1>"], str(tiny_model_dir))
-    assert info.extra["concepts"] == [{"identifier": "<new1>", "class_noun": "dog"}]
+    assert info.extra["concepts"] == [{"identifier": "<new1>", "class_noun": "dog",
+                                       "instance_prompt": "photo of a <new1> dog"}]
     pipe = load_pipeline(None, a)
     procs = pipe.unet.attn_processors
     for key, weight in trained.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -73,7 +75,7 @@ def test_duplicate_rows_are_dropped_and_conflicting_duplicates_refused():
 
 
 # --- merged artifacts ---------------------------------------------------------------------
-def _fake_run(tiny_model_dir, folder, token, class_noun, seed):
+def _fake_run(tiny_model_dir, folder, token, class_noun, seed, instance_prompt=None):
     """A Custom Diffusion artifact with perturbed K/V weights and one token, written by the library's writers."""
     from dreamtune.artifacts import metadata, write_metadata
     from dreamtune.io import save_safetensors
@@ -97,7 +99,8 @@ def _fake_run(tiny_model_dir, folder, token, class_noun, seed):
     save_safetensors(diffusers_state_dict(pipe.unet, weights), folder / WEIGHT_NAME)
     save_token_files({token: {"clip": embedding}}, folder)
     write_metadata(folder, metadata("custom_diffusion", str(tiny_model_dir), [token],
-                                    concepts=[{"identifier": token, "class_noun": class_noun}]))
+                                    concepts=[{"identifier": token, "class_noun": class_noun,
+                                               **({"instance_prompt": instance_prompt} if instance_prompt else {})}]))
     return folder, weights
 
 
@@ -143,6 +146,42 @@ def test_merge_two_concepts_holds_both_and_loads(two_runs, tiny_model_dir, tmp_p
     images = sample(pipe, ["a photo of <new1> dog", "a photo of <new2> cat"], num_images=1, steps=2, height=32, width=32)
     assert all(np.isfinite(np.asarray(im, dtype=np.float32)).all() for im in images)
     assert (tmp_path / "merged" / "reg_captions.txt").read_text().splitlines() == CAPTIONS
+
+
+def test_merge_holds_each_concept_on_the_prompt_it_was_trained_on(two_runs, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from dreamtune.merge import merge, token_features
+    from dreamtune.methods.custom_diffusion import WEIGHT_NAME, weights_from_diffusers
+    from dreamtune.pipeline import load_pipeline
+
+    # The same weights, with the prompt each concept was trained on recorded (dreamtune.json's concepts).
+    prompts = {"<new1>": "a photo of a <new1> dog", "<new2>": "a photo of a <new2> cat"}
+    recorded = [_fake_run(tiny_model_dir, tmp_path / token.strip("<>"), token, noun, seed, prompts[token])
+                for token, noun, seed in (("<new1>", "dog", 1), ("<new2>", "cat", 2))]
+    for (_, weights), (_, same) in zip(recorded, two_runs):
+        assert all(torch.equal(weights[n], same[n]) for n in weights)
+
+    def errors_on_trained_prompts(merged_dir):
+        pipe = load_pipeline(None, merged_dir)
+        merged = weights_from_diffusers(load_file(merged_dir / WEIGHT_NAME))
+        errors = []
+        for (_, weights), (token, prompt) in zip(recorded, prompts.items()):
+            ids = pipe.tokenizer(prompt).input_ids
+            c = token_features(pipe, prompt, ids.index(pipe.tokenizer.convert_tokens_to_ids(token)))
+            for name, w in weights.items():
+                target = c @ w.double().T
+                errors.append(float(torch.linalg.matrix_norm(c @ merged[name].double().T - target)
+                                    / torch.linalg.matrix_norm(target)))
+        return errors
+
+    merge([f for f, _ in recorded], CAPTIONS, tmp_path / "merged")
+    assert max(errors_on_trained_prompts(tmp_path / "merged")) < 1e-5
+    assert json.loads((tmp_path / "merged" / "dreamtune.json").read_text())["concepts"][1]["instance_prompt"] == prompts["<new2>"]
+    # Without the record, the rows of "a photo of a <new1> dog" differ from the default prompts' (the text
+    # encoder is causal: the article before the token changes its features) and are not held.
+    merge([f for f, _ in two_runs], CAPTIONS, tmp_path / "unrecorded")
+    assert min(errors_on_trained_prompts(tmp_path / "unrecorded")) > 1e-3
 
 
 def test_merge_of_one_concept_keeps_its_outputs(two_runs, tmp_path):
