@@ -23,8 +23,9 @@ def test_real_class_images_are_captioned_world_scenes_of_the_class(tmp_path):
 @pytest.mark.slow  # about 1.5 minutes: six models sampled on 20 prompts each
 def test_compare_trains_scores_merges_and_resumes(tmp_path, capsys):
     out = tmp_path / "compare"
+    # In two worker processes (the default on 2 cores); the second run below, in this process, reuses their cells.
     rows = run_compare(["striped_star", "split_heart"], models=["custom_diffusion"], output_dir=out, steps=2,
-                       images_per_prompt=1, progress=False, quiet=True)
+                       images_per_prompt=1, progress=False, quiet=True, jobs=2)
     names = [(r["subject"], r["name"]) for r in rows]
     for subject in ("striped_star", "split_heart"):
         for model in ("custom_diffusion", "custom_diffusion joint", "custom_diffusion merged"):
@@ -32,13 +33,16 @@ def test_compare_trains_scores_merges_and_resumes(tmp_path, capsys):
     merged = json.loads((out / "runs" / "striped_star+split_heart" / "custom_diffusion-merged" / "dreamtune.json")
                         .read_text())
     assert sorted(merged["tokens"]) == ["<new1>", "<new2>"]
+    # Each concept is held on the prompt it was trained on; both classes' captions regularise the merge.
+    assert [c["instance_prompt"] for c in merged["concepts"]] == ["a photo of a <new1> star", "a photo of a <new2> heart"]
+    assert merged["merge"]["num_reg_captions"] == 400
     table = (out / "table.txt").read_text()
     assert "subject striped_star" in table and "subject split_heart" in table
     # Finished cells are reused: a second run trains and samples nothing and gives the same rows.
     cells = sorted(out.glob("cells/*/*.json"))
     stamps = [p.stat().st_mtime_ns for p in cells]
     assert main(["world", "compare", "--subjects", "striped_star,split_heart", "--models", "custom_diffusion",
-                 "--output-dir", str(out), "--steps", "2", "--images-per-prompt", "1"]) == 0
+                 "--output-dir", str(out), "--steps", "2", "--images-per-prompt", "1", "--jobs", "1"]) == 0
     assert [p.stat().st_mtime_ns for p in sorted(out.glob("cells/*/*.json"))] == stamps
     assert json.loads((out / "compare.json").read_text())["rows"] == rows
     assert "custom_diffusion merged" in capsys.readouterr().out

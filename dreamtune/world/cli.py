@@ -93,6 +93,9 @@ def register(subparsers) -> None:
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--no-pairs", action="store_true", help="Skip the two-concept (joint and merged) rows.")
     compare.add_argument("--model", default=None, help="A shapes-world pipeline folder (default: the shipped model).")
+    compare.add_argument("--jobs", type=int, default=None,
+                         help="Worker processes that train and score cells side by side (default: one per core); "
+                         "1 runs everything in this process, with progress bars.")
     compare.set_defaults(func=_compare)
 
     subjects = commands.add_parser("subjects", help="Write a subject's reference images (PNG) to a folder.")
@@ -193,8 +196,10 @@ def _compare(args: argparse.Namespace) -> int:
         # "dreambooth, no prior" holds a comma: rejoin it before splitting the list.
         models = [m.strip() for m in args.models.replace("dreambooth, no prior", "dreambooth-no-prior").split(",")]
         models = ["dreambooth, no prior" if m == "dreambooth-no-prior" else m for m in models if m]
+    _positive(args.jobs, "--jobs")
     run_compare(subjects, models=models, output_dir=args.output_dir, seed=args.seed,
-                images_per_prompt=args.images_per_prompt, steps=args.steps, pairs=not args.no_pairs, model=args.model)
+                images_per_prompt=args.images_per_prompt, steps=args.steps, pairs=not args.no_pairs, model=args.model,
+                jobs=args.jobs)
     return 0
 
 

@@ -8,7 +8,8 @@ Custom Diffusion regularises with real images of the class: rendered world scene
 their captions, the world's counterpart of the paper's retrieved LAION images.
 
 Every cell (subject x model) writes `cells/<subject>/<model>.json` when it is scored, so a compare
-started again skips finished cells. The table (`table.txt`, `compare.json`) gives every figure with
+started again skips finished cells. Cells are independent, so worker processes (one per core by
+default, `jobs`) train and score them side by side; the merge waits for the two single runs it combines. The table (`table.txt`, `compare.json`) gives every figure with
 its bootstrap confidence interval.
 """
 
@@ -118,18 +119,53 @@ def _score(cell: Path, name: str, pipe, subject: Subject, identifier: str, *, se
     return row
 
 
+def _single_job(subject: str, index: int, label: str, *, out: Path, base_model: Path, steps, seed: int,
+                images_per_prompt: int, progress: bool, threads: int | None = None) -> list[dict]:
+    """One cell: the base model scored on a subject, or a method trained on it and scored."""
+    from ..pipeline import load_pipeline
+    from .demo import _quiet_libraries
+
+    _threads(threads)
+    _quiet_libraries()
+    chosen = get_subject(subject)
+    cells = out / "cells" / chosen.name
+    if label == "base model":
+        cell = cells / "base model.json"
+        if cell.exists():
+            return [json.loads(cell.read_text())]
+        return [_score(cell, label, load_pipeline(str(base_model)), chosen, "sks", seed=seed,
+                       images_per_prompt=images_per_prompt, train_seconds=0.0, progress=progress)]
+    method, overrides = SINGLE_MODELS[label]
+    cell = cells / f"{label}.json"
+    if cell.exists():
+        return [json.loads(cell.read_text())]
+    run_dir = out / "runs" / chosen.name / label.replace(", ", "-").replace(" ", "-")
+    config = _config([chosen], method, overrides, out, run_dir, steps=steps, seed=seed, base_model=base_model)
+    config.concepts[0].identifier = _identifier(method, index)
+    artifact, seconds = _train(config, run_dir, progress)
+    return [_score(cell, label, load_pipeline(str(base_model), artifact), chosen, config.concepts[0].identifier,
+                   seed=seed, images_per_prompt=images_per_prompt, train_seconds=seconds, progress=progress)]
+
+
+def _threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def run_compare(subjects: list[str], *, models: list[str] | None = None, output_dir: str | Path = "dreamtune-compare",
                 seed: int = 0, images_per_prompt: int = 8, steps: int | None = None, pairs: bool = True,
-                progress: bool = True, quiet: bool = False, model: str | Path | None = None) -> list[dict]:
+                progress: bool = True, quiet: bool = False, model: str | Path | None = None,
+                jobs: int | None = None) -> list[dict]:
     """Train and score every model on every subject; returns one row per (subject, model) and writes the table.
 
     `models` picks from "base model", SINGLE_MODELS and (with `pairs`) the two-concept rows; an
     existing output folder is resumed, finished cells are kept. `model` is another shapes-world
-    pipeline folder (default: the shipped one).
+    pipeline folder (default: the shipped one). `jobs` worker processes train and score cells side by
+    side (default: one per core); with 1 everything runs in this process, with progress bars.
     """
-    from ..merge import merge
-    from ..pipeline import load_pipeline
-    from .demo import _quiet_libraries
+    from .demo import _quiet_libraries, default_jobs
 
     base_model = Path(model).expanduser() if model else MODEL_DIR
     chosen = [get_subject(name) for name in subjects]
@@ -143,33 +179,31 @@ def run_compare(subjects: list[str], *, models: list[str] | None = None, output_
     out = Path(output_dir).expanduser()
     say = (lambda *a: None) if quiet else print
     _quiet_libraries()
-    rows: list[dict] = []
     for subject in chosen:
         write_subject_images(subject, out / "subjects" / subject.name)
-    for index, subject in enumerate(chosen):
-        cells = out / "cells" / subject.name
-        if "base model" in wanted:
-            pipe = load_pipeline(str(base_model))
-            rows.append(_score(cells / "base model.json", "base model", pipe, subject, "sks", seed=seed,
-                               images_per_prompt=images_per_prompt, train_seconds=0.0, progress=progress))
-        for label in (m for m in wanted if m in SINGLE_MODELS):
-            method, overrides = SINGLE_MODELS[label]
-            run_dir = out / "runs" / subject.name / label.replace(", ", "-").replace(" ", "-")
-            config = _config([subject], method, overrides, out, run_dir, steps=steps, seed=seed, base_model=base_model)
-            config.concepts[0].identifier = _identifier(method, index)
-            cell = cells / f"{label}.json"
-            if cell.exists():
-                rows.append(json.loads(cell.read_text()))
-                continue
-            say(f"{subject.name}: training {label}")
-            artifact, seconds = _train(config, run_dir, progress)
-            pipe = load_pipeline(str(base_model), artifact)
-            rows.append(_score(cell, label, pipe, subject, config.concepts[0].identifier, seed=seed,
-                               images_per_prompt=images_per_prompt, train_seconds=seconds, progress=progress))
-            say(f"{subject.name}: {label} scored")
-    if pairs and len(chosen) >= 2 and "custom_diffusion" in wanted:
-        rows += _two_concepts(chosen[:2], out, base_model, seed=seed, steps=steps, images_per_prompt=images_per_prompt,
-                              progress=progress, say=say, merge=merge, load_pipeline=load_pipeline)
+        if "custom_diffusion" in wanted:  # shared by the single, joint and merged runs: written once, here
+            write_real_class_images(subject.class_noun, out / "real_images" / subject.class_noun, seed=seed)
+    common = {"out": out, "base_model": base_model, "steps": steps, "seed": seed,
+              "images_per_prompt": images_per_prompt}
+    cells = [(subject.name, index, label) for index, subject in enumerate(chosen)
+             for label in wanted if label == "base model" or label in SINGLE_MODELS]
+    pair = chosen[:2] if pairs and len(chosen) >= 2 and "custom_diffusion" in wanted else []
+    units = len(cells) + (2 if pair else 0)
+    jobs = default_jobs(units) if jobs is None else max(1, min(jobs, units))
+    results: dict[tuple, list[dict]] = {}
+    if jobs == 1:
+        for name, index, label in cells:
+            say(f"{name}: {label}")
+            results[(name, label)] = _single_job(name, index, label, progress=progress, **common)
+        if pair:
+            say(f"{pair[0].name}+{pair[1].name}: custom_diffusion joint and merged")
+            results[("pair", "joint")] = _pair_job([s.name for s in pair], "joint", progress=progress, **common)
+            results[("pair", "merged")] = _pair_job([s.name for s in pair], "merged", progress=progress, **common)
+    else:
+        results = _run_compare_jobs(cells, [s.name for s in pair], jobs, common, say)
+    rows = [row for name, _, label in cells for row in results[(name, label)]]
+    if pair:
+        rows += results[("pair", "joint")] + results[("pair", "merged")]
     table = format_compare(rows)
     write_text(out / "table.txt", table + "\n")
     write_json(out / "compare.json", {"subjects": [s.name for s in chosen], "seed": seed,
@@ -179,33 +213,82 @@ def run_compare(subjects: list[str], *, models: list[str] | None = None, output_
     return rows
 
 
-def _two_concepts(pair: list[Subject], out: Path, base_model: Path, *, seed: int, steps, images_per_prompt: int, progress: bool, say,
-                  merge, load_pipeline) -> list[dict]:
-    """Custom Diffusion on two subjects: jointly trained, and the merge of the two single runs."""
+def _run_compare_jobs(cells: list[tuple], pair: list[str], jobs: int, common: dict, say) -> dict[tuple, list[dict]]:
+    """The cells in `jobs` worker processes; the merge starts once both single Custom Diffusion runs are done."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from .demo import _cores
+
+    threads = max(1, _cores() // jobs)
+    say(f"{len(cells) + (2 if pair else 0)} cells in {jobs} worker processes "
+        f"({threads} thread{'s' if threads > 1 else ''} each); each line below is one finished")
+    started = time.monotonic()
+    results: dict[tuple, list[dict]] = {}
+    singles_for_merge = {(name, "custom_diffusion") for name in pair}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(_single_job, name, index, label, progress=False, threads=threads, **common): (name, label)
+                   for name, index, label in cells}
+        if pair:
+            pending[pool.submit(_pair_job, pair, "joint", progress=False, threads=threads, **common)] = ("pair", "joint")
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    key = pending.pop(future)
+                    results[key] = future.result()
+                    say(f"  {' '.join(key)} ({time.monotonic() - started:.0f} s)")
+                    if pair and key in singles_for_merge and singles_for_merge <= results.keys():
+                        pending[pool.submit(_pair_job, pair, "merged", progress=False, threads=threads,
+                                            **common)] = ("pair", "merged")
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return results
+
+
+def _pair_job(names: list[str], which: str, *, out: Path, base_model: Path, seed: int, steps, images_per_prompt: int,
+              progress: bool, threads: int | None = None) -> list[dict]:
+    """Custom Diffusion on two subjects: trained jointly (`which` "joint"), or the merge of the two single runs."""
+    from ..merge import merge
+    from ..pipeline import load_pipeline
+    from .demo import _quiet_libraries
+
+    _threads(threads)
+    _quiet_libraries()
+    pair = [get_subject(name) for name in names]
+    names_dir = out / "runs" / "+".join(names)
+    if which == "joint":
+        label, run_dir = "custom_diffusion joint", names_dir / "custom_diffusion-joint"
+        config = _config(pair, *SINGLE_MODELS["custom_diffusion"], out, run_dir, steps=steps, seed=seed,
+                         base_model=base_model)
+        # Joint training sees both concepts' images: as many steps as the two single runs together.
+        config.max_train_steps *= 2
+        if all((out / "cells" / s.name / f"{label}.json").exists() for s in pair):
+            artifact, seconds = run_dir / "artifact", 0.0
+        else:
+            artifact, seconds = _train(config, run_dir, progress)
+    else:
+        label, artifact, seconds = "custom_diffusion merged", names_dir / "custom_diffusion-merged", 0.0
+        if not (artifact / "dreamtune.json").exists():
+            singles = [out / "runs" / s.name / "custom_diffusion" for s in pair]
+            missing = [str(s) for s in singles if not (s / "artifact").exists()]
+            if missing:
+                raise DreamtuneError(f"world compare: the merge needs the single-concept runs first: {', '.join(missing)}")
+            captions = [line.strip() for s in pair
+                        for line in (p.read_text().strip() for p in sorted((out / "real_images" / s.class_noun).glob("*.txt")))]
+            # Both classes' captions regularise (the default would keep the first 200: one class's).
+            merge([s / "artifact" for s in singles], captions, artifact, str(base_model), num_reg_captions=len(captions))
     rows = []
-    names = "+".join(s.name for s in pair)
-    joint_dir = out / "runs" / names / "custom_diffusion-joint"
-    config = _config(pair, *SINGLE_MODELS["custom_diffusion"], out, joint_dir, steps=steps, seed=seed, base_model=base_model)
-    # Joint training sees both concepts' images: as many steps as the two single runs together.
-    config.max_train_steps *= 2
-    say(f"{names}: training custom_diffusion joint")
-    joint, seconds = _train(config, joint_dir, progress)
-    merged_dir = out / "runs" / names / "custom_diffusion-merged"
-    if not (merged_dir / "dreamtune.json").exists():
-        singles = [out / "runs" / s.name / "custom_diffusion" for s in pair]
-        missing = [str(s) for s in singles if not (s / "artifact").exists()]
-        if missing:
-            raise DreamtuneError(f"world compare: the merge needs the single-concept runs first: {', '.join(missing)}")
-        captions = [line.strip() for s in pair
-                    for line in (p.read_text().strip() for p in sorted((out / "real_images" / s.class_noun).glob("*.txt")))]
-        merge([s / "artifact" for s in singles], captions, merged_dir, str(base_model))
-    for label, artifact, train_seconds in (("custom_diffusion joint", joint, seconds),
-                                           ("custom_diffusion merged", merged_dir, 0.0)):
-        pipe = load_pipeline(str(base_model), artifact)
-        for index, subject in enumerate(pair):
-            cell = out / "cells" / subject.name / f"{label}.json"
-            rows.append(_score(cell, label, pipe, subject, f"<new{index + 1}>", seed=seed,
-                               images_per_prompt=images_per_prompt, train_seconds=train_seconds, progress=progress))
+    pipe = None
+    for index, subject in enumerate(pair):
+        cell = out / "cells" / subject.name / f"{label}.json"
+        if cell.exists():
+            rows.append(json.loads(cell.read_text()))
+            continue
+        pipe = pipe or load_pipeline(str(base_model), artifact)
+        rows.append(_score(cell, label, pipe, subject, f"<new{index + 1}>", seed=seed,
+                           images_per_prompt=images_per_prompt, train_seconds=seconds, progress=progress))
     return rows
 
 
