@@ -326,26 +326,54 @@ def _model_job(name: str, *, subject: str, base_model: Path, out: Path, steps: i
     return scores, data
 
 
-def _run_jobs(names: list[str], jobs: int, job_args: dict, say, started: float) -> list[tuple[ModelScores, dict]]:
-    """`_model_job` for each name in `jobs` worker processes (the cores shared out), in the names' order."""
+def _training_step(run_dir: Path) -> int:
+    """The last step in a training run's metrics log (`logs/metrics.csv`), 0 before its first."""
+    try:
+        last = (run_dir / "logs" / "metrics.csv").read_text().strip().splitlines()[-1]
+        return int(last.split(",")[0])
+    except (OSError, IndexError, ValueError):  # not there yet, only its header, or a line half written
+        return 0
+
+
+def _run_jobs(names: list[str], jobs: int, job_args: dict, say, started: float,
+              bars: bool = False) -> list[tuple[ModelScores, dict]]:
+    """`_model_job` for each name in `jobs` worker processes (the cores shared out), in the names' order.
+
+    With `bars`, a progress bar per trained model follows its training steps from its metrics log.
+    """
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm.auto import tqdm
 
     threads = max(1, _cores() // jobs)
     say(f"{len(names)} models in {jobs} worker processes ({threads} thread{'s' if threads > 1 else ''} each); "
         "each line below is one finished")
+    trained = [n for n in names if n != "base model"]
+    steps = {n: job_args["steps"] or METHOD_SETTINGS[n]["max_train_steps"] for n in trained}
+    shown = {n: tqdm(total=steps[n], desc=f"{n} training", unit="step", position=i, leave=False)
+             for i, n in enumerate(trained)} if bars else {}
+    note = tqdm.write if shown else say
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool inherited
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {pool.submit(_model_job, name, progress=False, threads=threads, **job_args): name
                    for name in names}
+        remaining = set(futures)
         try:
-            for future in as_completed(futures):
-                scores, _ = future.result()
-                trained = f", trained in {scores.train_seconds:.0f} s" if scores.train_seconds else ""
-                say(f"  {futures[future]}: scored{trained} ({time.monotonic() - started:.0f} s)")
+            while remaining:
+                done, remaining = wait(remaining, timeout=1.0, return_when=FIRST_COMPLETED)
+                for name, bar in shown.items():
+                    bar.update(max(bar.n, _training_step(job_args["out"] / name)) - bar.n)
+                for future in done:
+                    scores, _ = future.result()
+                    trained_in = f", trained in {scores.train_seconds:.0f} s" if scores.train_seconds else ""
+                    note(f"  {futures[future]}: scored{trained_in} ({time.monotonic() - started:.0f} s)")
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)  # models not started yet are dropped
             raise
+        finally:
+            for bar in shown.values():
+                bar.close()
         return [future.result() for future in futures]
 
 
@@ -387,7 +415,7 @@ def run_demo(subject: str = "striped_star", method: str = "all", steps: int | No
     if jobs == 1:
         results = [_model_job(name, progress=progress, **job_args) for name in names]
     else:
-        results = _run_jobs(names, jobs, job_args, say, started)
+        results = _run_jobs(names, jobs, job_args, say, started, bars=progress and not quiet)
     rows = [scores for scores, _ in results]
     samples = {name: data for name, (_, data) in zip(names, results)}
 
