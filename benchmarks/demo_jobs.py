@@ -5,8 +5,8 @@
 
 Runs the demo twice in one go, first with `--jobs 1` (one process, torch's default threads), then with
 the default (one worker process per core, at most one per model, a thread each), and prints each wall
-time and their ratio, with the two runs' figures side by side: the figures should agree (the workers
-differ only in thread count, which can move the last bits of a sum).
+time and their ratio, with the two runs' figures side by side (they should agree: the workers differ
+only in thread count, which can move the last bits of a sum), then the second run's table.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dreamtune.world.demo import default_jobs, run_demo
+    from dreamtune.world.demo import default_jobs, format_table, run_demo
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subject", default="striped_star")
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         figures = "  ".join(f"{r.name} {r.subject_fidelity:.2f}/{r.prompt_fidelity:.2f}" for r in rows[label])
         print(f"{label:20s} {seconds:6.1f} s   subject/prompt: {figures}")
     print(f"speed-up: {times[first] / times[second]:.2f}x")
+    print(f"\nthe demo's table ({second}):")
+    print(format_table(rows[second]))
 
 
 if __name__ == "__main__":
