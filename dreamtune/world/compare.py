@@ -123,9 +123,9 @@ def _single_job(subject: str, index: int, label: str, *, out: Path, base_model: 
                 images_per_prompt: int, progress: bool, threads: int | None = None) -> list[dict]:
     """One cell: the base model scored on a subject, or a method trained on it and scored."""
     from ..pipeline import load_pipeline
-    from .demo import _quiet_libraries
+    from .demo import _quiet_libraries, use_threads
 
-    _threads(threads)
+    use_threads(threads)
     _quiet_libraries()
     chosen = get_subject(subject)
     cells = out / "cells" / chosen.name
@@ -145,13 +145,6 @@ def _single_job(subject: str, index: int, label: str, *, out: Path, base_model: 
     artifact, seconds = _train(config, run_dir, progress)
     return [_score(cell, label, load_pipeline(str(base_model), artifact), chosen, config.concepts[0].identifier,
                    seed=seed, images_per_prompt=images_per_prompt, train_seconds=seconds, progress=progress)]
-
-
-def _threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def run_compare(subjects: list[str], *, models: list[str] | None = None, output_dir: str | Path = "dreamtune-compare",
@@ -189,7 +182,7 @@ def run_compare(subjects: list[str], *, models: list[str] | None = None, output_
              for label in wanted if label == "base model" or label in SINGLE_MODELS]
     pair = chosen[:2] if pairs and len(chosen) >= 2 and "custom_diffusion" in wanted else []
     units = len(cells) + (2 if pair else 0)
-    jobs = default_jobs(units) if jobs is None else max(1, min(jobs, units))
+    jobs = default_jobs(units, jobs)
     results: dict[tuple, list[dict]] = {}
     if jobs == 1:
         for name, index, label in cells:
@@ -215,35 +208,27 @@ def run_compare(subjects: list[str], *, models: list[str] | None = None, output_
 
 def _run_compare_jobs(cells: list[tuple], pair: list[str], jobs: int, common: dict, say) -> dict[tuple, list[dict]]:
     """The cells in `jobs` worker processes; the merge starts once both single Custom Diffusion runs are done."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-    from .demo import _cores
+    from .demo import worker_pool
 
-    threads = max(1, _cores() // jobs)
-    say(f"{len(cells) + (2 if pair else 0)} cells in {jobs} worker processes "
-        f"({threads} thread{'s' if threads > 1 else ''} each); each line below is one finished")
     started = time.monotonic()
     results: dict[tuple, list[dict]] = {}
     singles_for_merge = {(name, "custom_diffusion") for name in pair}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(jobs, f"{len(cells) + (2 if pair else 0)} cells", say) as (pool, threads):
         pending = {pool.submit(_single_job, name, index, label, progress=False, threads=threads, **common): (name, label)
                    for name, index, label in cells}
         if pair:
             pending[pool.submit(_pair_job, pair, "joint", progress=False, threads=threads, **common)] = ("pair", "joint")
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    key = pending.pop(future)
-                    results[key] = future.result()
-                    say(f"  {' '.join(key)} ({time.monotonic() - started:.0f} s)")
-                    if pair and key in singles_for_merge and singles_for_merge <= results.keys():
-                        pending[pool.submit(_pair_job, pair, "merged", progress=False, threads=threads,
-                                            **common)] = ("pair", "merged")
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                key = pending.pop(future)
+                results[key] = future.result()
+                say(f"  {' '.join(key)} ({time.monotonic() - started:.0f} s)")
+                if pair and key in singles_for_merge and singles_for_merge <= results.keys():
+                    pending[pool.submit(_pair_job, pair, "merged", progress=False, threads=threads,
+                                        **common)] = ("pair", "merged")
     return results
 
 
@@ -252,9 +237,9 @@ def _pair_job(names: list[str], which: str, *, out: Path, base_model: Path, seed
     """Custom Diffusion on two subjects: trained jointly (`which` "joint"), or the merge of the two single runs."""
     from ..merge import merge
     from ..pipeline import load_pipeline
-    from .demo import _quiet_libraries
+    from .demo import _quiet_libraries, use_threads
 
-    _threads(threads)
+    use_threads(threads)
     _quiet_libraries()
     pair = [get_subject(name) for name in names]
     names_dir = out / "runs" / "+".join(names)

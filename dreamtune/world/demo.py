@@ -15,6 +15,7 @@ import io
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -286,13 +287,43 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_jobs(models: int) -> int:
-    """Worker processes for `models` independent models: one per core this process may use, at most one a model.
+def default_jobs(models: int, asked: int | None = None) -> int:
+    """Worker processes for `models` independent models: `asked` (a --jobs value) or else one per core this
+    process may use, never more than one a model.
 
     The demo's models are small, so one model's step keeps a core busy and not two: on 2 cores,
     DreamBooth and Custom Diffusion side by side at a thread each finish sooner than one after the other at two.
     """
-    return max(1, min(_cores(), models))
+    return max(1, min(_cores() if asked is None else asked, models))
+
+
+@contextmanager
+def worker_pool(jobs: int, what: str, say):
+    """A pool of `jobs` fresh worker processes that share the cores out; yields (pool, threads per worker).
+
+    Says what runs in it. On an error or Ctrl-C, work not yet started is dropped.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, _cores() // jobs)
+    say(f"{what} in {jobs} worker processes ({threads} thread{'s' if threads > 1 else ''} each); "
+        "each line below is one finished")
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool inherited
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        try:
+            yield pool, threads
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def use_threads(threads: int | None) -> None:
+    """Set torch's thread count in a worker process (None: leave it)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _model_job(name: str, *, subject: str, base_model: Path, out: Path, steps: int | None, seed: int,
@@ -302,13 +333,10 @@ def _model_job(name: str, *, subject: str, base_model: Path, out: Path, steps: i
     Runs in the demo's process or in a worker process (then with `threads` torch threads); every
     input is a seed or a file, so the row is the same either way.
     """
-    import torch
-
     from ..pipeline import load_pipeline
     from ..training import train
 
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     _quiet_libraries()
     chosen = get_subject(subject)
     if name == "base model":
@@ -347,21 +375,16 @@ def _run_jobs(names: list[str], jobs: int, job_args: dict, say, started: float,
 
     With `bars`, a progress bar per trained model follows its training steps from its metrics log.
     """
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
     from tqdm.auto import tqdm
 
-    threads = max(1, _cores() // jobs)
-    say(f"{len(names)} models in {jobs} worker processes ({threads} thread{'s' if threads > 1 else ''} each); "
-        "each line below is one finished")
-    trained = [n for n in names if n != "base model"]
-    steps = {n: job_args["steps"] or METHOD_SETTINGS[n]["max_train_steps"] for n in trained}
-    shown = {n: tqdm(total=steps[n], desc=f"{n} training", unit="step", position=i, leave=False)
-             for i, n in enumerate(trained)} if bars else {}
-    note = tqdm.write if shown else say
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool inherited
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    with worker_pool(jobs, f"{len(names)} models", say) as (pool, threads):
+        trained = [n for n in names if n != "base model"]
+        steps = {n: job_args["steps"] or METHOD_SETTINGS[n]["max_train_steps"] for n in trained}
+        shown = {n: tqdm(total=steps[n], desc=f"{n} training", unit="step", position=i, leave=False)
+                 for i, n in enumerate(trained)} if bars else {}
+        note = tqdm.write if shown else say
         futures = {pool.submit(_model_job, name, progress=False, threads=threads, **job_args): name
                    for name in names}
         remaining = set(futures)
@@ -374,9 +397,6 @@ def _run_jobs(names: list[str], jobs: int, job_args: dict, say, started: float,
                     scores, _ = future.result()
                     trained_in = f", trained in {scores.train_seconds:.0f} s" if scores.train_seconds else ""
                     note(f"  {futures[future]}: scored{trained_in} ({time.monotonic() - started:.0f} s)")
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)  # models not started yet are dropped
-            raise
         finally:
             for bar in shown.values():
                 bar.close()
@@ -415,7 +435,7 @@ def run_demo(subject: str = "striped_star", method: str = "all", steps: int | No
     say(f"subject {chosen.name}: {chosen.description}; {len(chosen.reference_scenes())} images in {instance_dir}")
 
     names = ["base model", *methods]
-    jobs = default_jobs(len(names)) if jobs is None else max(1, min(jobs, len(names)))
+    jobs = default_jobs(len(names), jobs)
     job_args = {"subject": chosen.name, "base_model": base_model, "out": out, "steps": steps, "seed": seed,
                 "images_per_prompt": images_per_prompt}
     if jobs == 1:
