@@ -150,7 +150,8 @@ def token_features(pipe, prompt: str, start: int = 1) -> torch.Tensor:
 def concept_features(pipe, identifier: str, class_noun: str, prompts: Sequence[str] = ()) -> torch.Tensor:
     """Constraint rows of one concept: its prompts' features from the identifier through the end token.
 
-    The prompts are CONCEPT_PROMPTS and `prompts` (those it was trained on), each once.
+    The prompts are CONCEPT_PROMPTS and `prompts` (those it was trained on; one without the identifier, or
+    empty, is skipped), each once.
     """
     tok = pipe.tokenizer
     ident_ids = tok(identifier, add_special_tokens=False).input_ids
@@ -228,8 +229,7 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
                              "give the one to merge on with --base.")
         base = next(iter(bases))
     owners: dict[str, int] = {}
-    concepts: list[tuple[int, str, str]] = []
-    trained_on: dict[str, list[str]] = {}
+    concepts: list[tuple[int, dict]] = []  # (artifact index, its dreamtune.json concept entry)
     for i, info in enumerate(infos):
         listed = info.extra.get("concepts") or []
         if not listed:
@@ -241,8 +241,7 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
                     f"{infos[owners[token]].path} and {info.path} both use the modifier token {token}; retrain one "
                     "with another identifier (e.g. <new2>) before merging.")
             owners[token] = i
-            concepts.append((i, token, c["class_noun"]))
-            trained_on[token] = [c["instance_prompt"]] if c.get("instance_prompt") else []
+            concepts.append((i, c))
     out_dir = Path(out_dir).expanduser()
     captions = read_captions(reg_captions, num_reg_captions)
 
@@ -266,11 +265,12 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
         logger.warning("the %d regularisation captions span %d of %d text-feature directions; the weights are held "
                        "near the base only there. About 200 varied captions are recommended.",
                        len(captions), covered, c_reg.shape[1])
-    features = [concept_features(pipe, token, class_noun, trained_on[token]) for _, token, class_noun in concepts]
+    features = [concept_features(pipe, c["identifier"], c["class_noun"], [c.get("instance_prompt", "")])
+                for _, c in concepts]
     merged, layers = {}, {}
     for name in names:
         c = torch.cat(features)
-        v = torch.cat([f @ tuned[i][name].double().T for f, (i, _, _) in zip(features, concepts)])
+        v = torch.cat([f @ tuned[i][name].double().T for f, (i, _) in zip(features, concepts)])
         c, v = dedupe_rows(c, v)
         w = solve_constrained(base_weights[name], c_reg, c, v)
         error = float(torch.linalg.matrix_norm(c @ w.T - v) / torch.linalg.matrix_norm(v).clamp(min=1e-300))
@@ -286,8 +286,7 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
     result = MergeResult(out_dir, tokens, max(r["constraint_rows"] for r in layers.values()),
                          max(r["relative_constraint_error"] for r in layers.values()), layers)
     meta = metadata(CustomDiffusion.name, base, tokens,
-                    concepts=[{"identifier": t, "class_noun": n, **({"instance_prompt": trained_on[t][0]} if trained_on[t] else {})}
-                              for _, t, n in concepts],
+                    concepts=[c for _, c in concepts],
                     train_params="crossattn_kv", weight_file=WEIGHT_NAME,
                     token_files={t: f"{t}.safetensors" for t in tokens},
                     merge={"sources": [str(info.path.resolve()) for info in infos], "num_reg_captions": len(captions),
@@ -300,7 +299,7 @@ def merge(artifacts: Sequence[str | os.PathLike], reg_captions: str | os.PathLik
         write_text(tmp / "reg_captions.txt", "\n".join(captions) + "\n")
         write_metadata(tmp, meta)
     logger.info("merged %d concepts (%s) into %s; constraint rows %d, worst relative constraint error %.2e",
-                len(concepts), ", ".join(t for _, t, _ in concepts), out_dir, result.constraint_rows,
+                len(concepts), ", ".join(c["identifier"] for _, c in concepts), out_dir, result.constraint_rows,
                 result.max_constraint_error)
     return result
 
