@@ -56,26 +56,26 @@ def test_default_pretraining_is_stable_diffusion_shaped_on_the_shipped_vae(tmp_p
     reused = load_file(pipe_dir / "vae" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(shipped[k], reused[k]) for k in shipped)
     config = json.loads((pipe_dir / "unet" / "config.json").read_text())
-    # As in SD 1.x: attention at every level but the lowest, and in the middle; as in SDXL, the pooled
-    # prompt also goes into the time embedding.
+    # As in SD 1.x: attention at every level but the lowest, and in the middle; the prompt goes in through
+    # cross-attention only (no pooled prompt in the time embedding).
     assert config["down_block_types"] == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
     assert config["up_block_types"] == ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
     assert config["mid_block_type"] == "UNetMidBlock2DCrossAttn"
-    assert config["addition_embed_type"] == "text"
+    assert config["addition_embed_type"] is None
     tokenizer = json.loads((pipe_dir / "tokenizer" / "tokenizer_config.json").read_text())
     assert tokenizer["model_max_length"] == 77
 
 
-def test_the_command_line_can_leave_the_pooled_prompt_out(tmp_path):
+def test_the_command_line_can_add_the_pooled_prompt(tmp_path):
     import json
 
     from dreamtune.cli import main
 
     assert main(["world", "pretrain", "--output-dir", str(tmp_path), "--vae-from", "shipped", "--text-steps", "0",
                  "--unet-steps", "2",
-                 "--batch-size", "2", "--threads", "1", "--no-pooled-prompt"]) == 0
+                 "--batch-size", "2", "--threads", "1", "--pooled-prompt"]) == 0
     config = json.loads((tmp_path / "pipeline" / "unet" / "config.json").read_text())
-    assert config["addition_embed_type"] is None
+    assert config["addition_embed_type"] == "text"
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):

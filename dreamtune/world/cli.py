@@ -65,9 +65,9 @@ def register(subparsers) -> None:
                      help="Continue from another world pipeline folder (tensors whose names and shapes match).")
     pre.add_argument("--unet-channels", default=None, help="UNet block channels, e.g. 48,96,128.")
     pre.add_argument("--warmup-steps", type=int, default=None)
-    pre.add_argument("--no-pooled-prompt", action="store_true",
-                     help="Give the UNet the prompt through cross-attention only (as SD 1.x/2.x), without the "
-                     "pooled prompt in its time embedding (as SDXL).")
+    pre.add_argument("--pooled-prompt", action=argparse.BooleanOptionalAction, default=None,
+                     help="Also give the UNet the pooled prompt in its time embedding, as SDXL does (default: "
+                     "no; the prompt goes in through cross-attention only, as in SD 1.x/2.x).")
     pre.set_defaults(func=_pretrain)
 
     export = commands.add_parser("export", help="Write a pipeline folder from a pretraining run's latest checkpoint "
@@ -161,8 +161,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         if args.text_steps < 0:
             raise DreamtuneError(f"--text-steps must be 0 or more, got {args.text_steps}")
         overrides["text_steps"] = args.text_steps
-    if args.no_pooled_prompt:
-        overrides["text_time_embedding"] = False
+    if args.pooled_prompt is not None:
+        overrides["text_time_embedding"] = args.pooled_prompt
     if args.unet_channels:
         try:
             overrides["unet_channels"] = tuple(int(c) for c in args.unet_channels.split(","))
