@@ -47,6 +47,17 @@ def test_captions_leave_attributes_out_and_never_show_held_out_pairs():
     assert all(s.pattern == "plain" and s.colour != s.background for s in scenes)
 
 
+def test_held_out_pairs_can_be_kept_out_of_second_colours_too():
+    def second_colour_pairs(hold_out: bool) -> set:
+        scenes = [s for index in range(4)
+                  for s in render.training_batch(0, index, 500, pattern_share=0.5, hold_out_second_colour=hold_out)[2]]
+        assert not any((s.colour, s.cls) in HELD_OUT for s in scenes)
+        return {(s.colour2, s.cls) for s in scenes if s.pattern != "plain"} & set(HELD_OUT)
+
+    assert second_colour_pairs(False), "a held-out pair is drawn as a second colour unless asked not to"
+    assert not second_colour_pairs(True)
+
+
 def test_render_draws_the_object_where_the_scene_says():
     image = render.render(Scene("square", "red", "blue", "small", "top left"))
     assert tuple(image[0, -1]) == render.PALETTE["blue"]

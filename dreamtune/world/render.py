@@ -454,10 +454,12 @@ def is_reserved(cls: str, pattern: str, colour: str, colour2: str | None) -> boo
 
 
 def random_scene(rng: np.random.Generator, include_held_out: bool = False, pattern_share: float = 0.0,
-                 anywhere: bool = False) -> Scene:
+                 anywhere: bool = False, hold_out_second_colour: bool = False) -> Scene:
     """A random scene of the world, patterned with probability `pattern_share`.
 
-    Held-out colour-class pairs and reserved pattern combinations are skipped unless asked for.
+    Held-out colour-class pairs and reserved pattern combinations are skipped unless asked for; with
+    `hold_out_second_colour` a held-out pair is not drawn as a patterned object's second colour either
+    (a triangle with blue stripes), so the pair is never seen at all.
     Objects sit at the centre; `anywhere` spreads them over the nine positions (30% centred), as the
     oracle's validation needs: a fine-tuned model's object may land off-centre.
     """
@@ -479,7 +481,8 @@ def random_scene(rng: np.random.Generator, include_held_out: bool = False, patte
     # would name a pattern no pixel shows.
     while True:
         pattern = PATTERNS[1 + rng.integers(len(PATTERNS) - 1)]
-        choices = [c for c in COLOURS if c not in (colour, background)]
+        choices = [c for c in COLOURS if c not in (colour, background)
+                   and not (hold_out_second_colour and not include_held_out and (c, cls) in HELD_OUT)]
         colour2 = choices[rng.integers(len(choices))]
         variant = int(rng.integers(NUM_VARIANTS))
         if (include_held_out or not is_reserved(cls, pattern, colour, colour2)) and geometry_visible(cls, pattern, variant):
@@ -493,17 +496,18 @@ def random_patterned_scene(rng: np.random.Generator) -> Scene:
 
 
 def training_batch(seed: int, index: int, batch_size: int, patterned_share: float = 0.0,
-                   pattern_share: float = 0.0):
+                   pattern_share: float = 0.0, hold_out_second_colour: bool = False):
     """Batch `index` of the stream seeded by `seed`: (uint8 images [B,H,W,3], captions, scenes).
 
     The batch depends only on (seed, index), so a resumed run sees exactly the batches an
     uninterrupted run would. `patterned_share` draws that share of patterned scenes from every
-    combination (for the VAE); `pattern_share` that share from the unreserved ones (for the UNet).
+    combination (for the VAE); `pattern_share` that share from the unreserved ones (for the UNet);
+    `hold_out_second_colour` keeps held-out pairs out of those scenes' second colours too.
     """
     rng = np.random.default_rng([seed, index])
     scenes = [
         random_patterned_scene(rng) if rng.random() < patterned_share
-        else random_scene(rng, pattern_share=pattern_share)
+        else random_scene(rng, pattern_share=pattern_share, hold_out_second_colour=hold_out_second_colour)
         for _ in range(batch_size)
     ]
     images = np.stack([render(s) for s in scenes])
