@@ -114,6 +114,13 @@ _EARLIER_DEFAULTS = {"max_length": 77, "text_time_embedding": False, "attention_
                      "hold_out_second_colour": False}
 
 
+def _scene_batch(settings: PretrainSettings, stream: int, index: int, size: int):
+    """Batch `index` of a captioned scene stream as the text and UNet phases see it (the settings' pattern
+    share and held-out rule): (uint8 images, captions, scenes)."""
+    return render.training_batch(stream, index, size, pattern_share=settings.pattern_share,
+                                 hold_out_second_colour=settings.hold_out_second_colour)
+
+
 def _saved_settings(state_file: Path) -> PretrainSettings:
     """The settings a checkpoint was trained with (settings added later take the value runs had before)."""
     saved = {**_EARLIER_DEFAULTS, **json.loads(state_file.read_text())["settings"]}
@@ -367,8 +374,7 @@ def _text_phase_accuracy(clip, tokenizer, settings: PretrainSettings) -> dict[st
     Class among "a photo of a {class}"; colour, background and size among captions that also name
     the image's true class ("a photo of a {colour} star"), one attribute at a time.
     """
-    images, _, scenes = render.training_batch(settings.seed + 4000, 0, 96, pattern_share=settings.pattern_share,
-                                              hold_out_second_colour=settings.hold_out_second_colour)
+    images, _, scenes = _scene_batch(settings, settings.seed + 4000, 0, 96)
     image_features = clip.get_image_features(pixel_values=_to_tensor(images)).pooler_output
     image_features = torch.nn.functional.normalize(image_features, dim=-1)
 
@@ -403,9 +409,7 @@ def train_text(components: dict, settings: PretrainSettings, run_dir: Path, *, r
     bar = _progress(settings.text_steps, start, "text", progress)
     step = start
     while step < settings.text_steps:
-        images, captions, scenes = render.training_batch(settings.seed + 5000, step, settings.text_batch_size,
-                                                         pattern_share=settings.pattern_share,
-                                                         hold_out_second_colour=settings.hold_out_second_colour)
+        images, captions, scenes = _scene_batch(settings, settings.seed + 5000, step, settings.text_batch_size)
         named = [caption_attributes(c) for c in captions]
         fits = torch.tensor([[caption_fits(n, scene) for n in named] for scene in scenes])
         # Captions are short and the mask is causal, so padding to the batch's longest changes no state
@@ -509,9 +513,7 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
     step = start
     losses: list[float] = []
     while step < settings.unet_steps:
-        images, captions, scenes = render.training_batch(settings.seed, step, settings.batch_size,
-                                                         pattern_share=settings.pattern_share,
-                                                         hold_out_second_colour=settings.hold_out_second_colour)
+        images, captions, scenes = _scene_batch(settings, settings.seed, step, settings.batch_size)
         rng = np.random.default_rng([settings.seed, step, 7])
         captions = ["" if rng.random() < settings.caption_dropout else c for c in captions]
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
