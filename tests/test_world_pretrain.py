@@ -66,16 +66,20 @@ def test_default_pretraining_is_stable_diffusion_shaped_on_the_shipped_vae(tmp_p
     assert tokenizer["model_max_length"] == 77
 
 
-def test_the_command_line_can_add_the_pooled_prompt(tmp_path):
+def test_the_command_line_can_add_the_pooled_prompt_and_the_earlier_rare_words(tmp_path):
     import json
 
     from dreamtune.cli import main
 
     assert main(["world", "pretrain", "--output-dir", str(tmp_path), "--vae-from", "shipped", "--text-steps", "0",
-                 "--unet-steps", "2",
-                 "--batch-size", "2", "--threads", "1", "--pooled-prompt"]) == 0
+                 "--unet-steps", "2", "--batch-size", "2", "--threads", "1", "--pooled-prompt",
+                 "--rare-words", "noise"]) == 0
     config = json.loads((tmp_path / "pipeline" / "unet" / "config.json").read_text())
     assert config["addition_embed_type"] == "text"
+    state = json.loads((tmp_path / "checkpoints" / "unet" / "state.json").read_text())
+    assert state["settings"]["rare_words"] == "noise"
+    with pytest.raises(DreamtuneError, match="rare_words must be one of instances, noise"):
+        pretrain(tmp_path / "other", rare_words="names", **TINY)
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
@@ -117,7 +121,7 @@ def test_runs_saved_before_a_setting_existed_keep_their_meaning(tmp_path):
     state_file = tmp_path / "checkpoints" / "unet" / "state.json"
     state = json.loads(state_file.read_text())
     for key in ("max_length", "text_time_embedding", "attention_at_top", "object_weight", "unet_layout",
-                "pattern_share", "vae_from", "text_steps", "hold_out_second_colour"):
+                "pattern_share", "vae_from", "text_steps", "hold_out_second_colour", "rare_words"):
         del state["settings"][key]
     state_file.write_text(json.dumps(state))
     pipe_dir = export_checkpoint(tmp_path, tmp_path / "exported")

@@ -71,3 +71,41 @@ def test_every_variant_of_every_pattern_draws_differently():
 def test_shipped_subjects_are_reserved():
     for subject in SUBJECTS.values():
         assert render.is_reserved(subject.cls, subject.pattern, subject.colour, subject.colour2), subject.name
+
+
+def test_named_instances_are_one_object_each_under_their_rare_word():
+    from dreamtune.world.pretrain import _fits
+
+    rare = set(render.rare_words())
+    scenes, captions = [], []
+    for index in range(6):
+        _, more_captions, more_scenes = render.training_batch(0, index, 64, pattern_share=0.4,
+                                                              rare_words_mode="instances")
+        scenes += more_scenes
+        captions += more_captions
+    named = [(c, s) for c, s in zip(captions, scenes) if s.name]
+    assert 0.1 < len(named) / len(scenes) < 0.3
+    assert 0.4 < sum(s.pattern != "plain" for s in scenes) / len(scenes) < 0.65
+    for text, scene in zip(captions, scenes):
+        words = text.replace(",", "").split()
+        if scene.name is None:  # no rare word names nothing
+            assert not rare & set(words), text
+            continue
+        instance = render.named_instance(scene.name)
+        assert words[words.index(scene.name) + 1] == scene.cls, text
+        assert render.same_instance(scene, instance) and scene.pattern != "plain"
+        assert scene.background not in (scene.colour, scene.colour2)
+    # A word always names the same object, never a subject's combination nor a held-out pair.
+    for word in sorted(rare):
+        instance = render.named_instance(word)
+        assert not render.is_reserved(instance.cls, instance.pattern, instance.colour, instance.colour2)
+        assert (instance.colour, instance.cls) not in render.HELD_OUT
+    assert len({(i.cls, i.colour, i.pattern, i.colour2, i.variant) for i in map(render.named_instance, rare)}) > 300
+    # The text phase's matches: a named caption fits its own instance only, a plain one every fitting image.
+    sks = render.named_instance("sks")
+    other = next(render.named_instance(w) for w in sorted(rare) if render.named_instance(w).cls == sks.cls
+                 and not render.same_instance(render.named_instance(w), sks))
+    plain = render.Scene(sks.cls, sks.colour, sks.background)
+    fits = _fits([f"a photo of a sks {sks.cls}", f"a photo of a {sks.cls}", f"a photo of a {other.name} {sks.cls}"],
+                 [sks, plain, other])
+    assert fits.tolist() == [[True, True, False], [False, True, False], [False, True, True]]

@@ -68,6 +68,10 @@ def register(subparsers) -> None:
     pre.add_argument("--pooled-prompt", action=argparse.BooleanOptionalAction, default=None,
                      help="Also give the UNet the pooled prompt in its time embedding, as SDXL does (default: "
                      "no; the prompt goes in through cross-attention only, as in SD 1.x/2.x).")
+    pre.add_argument("--rare-words", choices=("instances", "noise"), default=None,
+                     help="How rare words enter captions: 'instances' (default), each names one patterned object, "
+                     "as names and brands do in web captions; 'noise', random rare words that name nothing "
+                     "(the data of runs before it).")
     pre.set_defaults(func=_pretrain)
 
     export = commands.add_parser("export", help="Write a pipeline folder from a pretraining run's latest checkpoint "
@@ -163,6 +167,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides["text_steps"] = args.text_steps
     if args.pooled_prompt is not None:
         overrides["text_time_embedding"] = args.pooled_prompt
+    if args.rare_words is not None:
+        overrides["rare_words"] = args.rare_words
     if args.unet_channels:
         try:
             overrides["unet_channels"] = tuple(int(c) for c in args.unet_channels.split(","))

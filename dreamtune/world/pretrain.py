@@ -76,8 +76,16 @@ class PretrainSettings:
     unet_layout: str = "sd"
     # With unet_layout "low": cross-attention at the 16x16 level too.
     attention_at_top: bool = False
-    # Share of pretraining scenes with a two-colour pattern (the subjects' visual vocabulary).
-    pattern_share: float = 0.5
+    # Share of pretraining scenes (other than named instances) with a two-colour pattern (the subjects'
+    # visual vocabulary). With a fifth of all scenes named instances, all patterned, 0.4 keeps about
+    # half of all scenes patterned, as 0.5 did before named instances.
+    pattern_share: float = 0.4
+    # How rare words enter captions (`render.RARE_WORD_MODES`): "instances", a fifth of scenes are named
+    # instances, each rare word always one patterned object, as web captions' names and brands are; or
+    # "noise", a fifth of captions carry a random rare word that names nothing (runs before it). With
+    # noise, the frozen text encoder learned to read "a sks star" as "a star" and DreamBooth could not
+    # learn a subject without tuning it (see the model card).
+    rare_words: str = "instances"
     # Keep held-out colour-class pairs out of patterned scenes' second colours as well, so a held-out pair
     # is never drawn at all. Off: without it the model trained from scratch drew held-out pairs' colour in
     # 0.84 of images, its misses mostly two-colour objects, which suggested the leak; but with it, at step
@@ -111,14 +119,15 @@ class PretrainSettings:
 # What runs saved before a setting existed used instead of it.
 _EARLIER_DEFAULTS = {"max_length": 77, "text_time_embedding": False, "attention_at_top": False, "object_weight": 1.0,
                      "unet_layout": "low", "pattern_share": 0.0, "vae_from": "", "init_from": "", "text_steps": 0,
-                     "hold_out_second_colour": False}
+                     "hold_out_second_colour": False, "rare_words": "noise"}
 
 
 def _scene_batch(settings: PretrainSettings, stream: int, index: int, size: int):
     """Batch `index` of a captioned scene stream as the text and UNet phases see it (the settings' pattern
-    share and held-out rule): (uint8 images, captions, scenes)."""
+    share, held-out rule and rare words): (uint8 images, captions, scenes)."""
     return render.training_batch(stream, index, size, pattern_share=settings.pattern_share,
-                                 hold_out_second_colour=settings.hold_out_second_colour)
+                                 hold_out_second_colour=settings.hold_out_second_colour,
+                                 rare_words_mode=settings.rare_words)
 
 
 def _saved_settings(state_file: Path) -> PretrainSettings:
@@ -367,6 +376,17 @@ def _contrastive_loss(logits: torch.Tensor, fits: torch.Tensor) -> torch.Tensor:
     return 0.5 * (per_image + per_caption)
 
 
+def _fits(captions: list[str], scenes: list) -> torch.Tensor:
+    """[images, captions] True where caption j describes image i (caption i is image i's own).
+
+    A named instance's caption fits only images of that instance (its name pins class, colours, pattern
+    and geometry); other captions fit every image with the attributes they name.
+    """
+    named = [caption_attributes(c) for c in captions]
+    return torch.tensor([[caption_fits(n, scene) and (source.name is None or render.same_instance(scene, source))
+                          for n, source in zip(named, scenes)] for scene in scenes])
+
+
 @torch.no_grad()
 def _text_phase_accuracy(clip, tokenizer, settings: PretrainSettings) -> dict[str, float]:
     """Zero-shot accuracy of the text tower on fresh images: which caption of each attribute fits best.
@@ -410,8 +430,7 @@ def train_text(components: dict, settings: PretrainSettings, run_dir: Path, *, r
     step = start
     while step < settings.text_steps:
         images, captions, scenes = _scene_batch(settings, settings.seed + 5000, step, settings.text_batch_size)
-        named = [caption_attributes(c) for c in captions]
-        fits = torch.tensor([[caption_fits(n, scene) for n in named] for scene in scenes])
+        fits = _fits(captions, scenes)
         # Captions are short and the mask is causal, so padding to the batch's longest changes no state
         # the padded tokens precede: the same features as at 77 tokens, at a fraction of the cost.
         tokens = tokenizer(captions, padding=True, return_tensors="pt")
@@ -692,6 +711,9 @@ def pretrain(
         if not hasattr(settings, name):
             raise DreamtuneError(f"pretrain: unknown setting {name!r}; settings are {', '.join(asdict(settings))}")
     settings = replace(settings, **settings_overrides)
+    if settings.rare_words not in render.RARE_WORD_MODES:
+        raise DreamtuneError(f"pretrain: rare_words must be one of {', '.join(render.RARE_WORD_MODES)}, "
+                             f"got {settings.rare_words!r}")
     for name in ("vae_steps", "unet_steps", "batch_size"):
         if getattr(settings, name) < 1:
             raise DreamtuneError(f"pretrain: {name} must be at least 1, got {getattr(settings, name)}")
@@ -708,10 +730,10 @@ def pretrain(
 
     phase_keys = {"vae": ("seed", "vae_batch_size"),
                   "text": ("seed", "text_batch_size", "text_hidden_size", "text_layers", "max_length",
-                           "hold_out_second_colour"),
+                           "hold_out_second_colour", "rare_words", "pattern_share"),
                   "unet": ("seed", "batch_size", "text_hidden_size", "text_layers", "unet_channels", "max_length",
                            "text_time_embedding", "attention_at_top", "unet_layout", "vae_from", "init_from",
-                           "text_steps", "hold_out_second_colour")}
+                           "text_steps", "hold_out_second_colour", "rare_words", "pattern_share")}
     for phase, keys in phase_keys.items():
         previous = run_dir / "checkpoints" / phase / "state.json"
         if resume and previous.exists():

@@ -11,10 +11,11 @@ a bare class prompt means "any star" to a model trained on them. Patterns are na
 their second colour; their geometry (which way stripes run, where a band sits, how thick a border
 is) is never named, the way a caption of a real photo names "a striped shirt" but not its stripes.
 That geometry, with a colour pair and class that pretraining never drew together, is what makes a
-subject an instance that words cannot pin down. A share of captions also carries a rare word with no
-visual meaning ("a photo of a sks star"), as web captions carry names and brands, so that the text
-encoder knows rare tokens the way a web-trained one does. Everything is seeded: the same seed gives
-the same images and captions.
+subject an instance that words cannot pin down. A share of scenes are named instances: a rare word
+("a photo of a sks star") always names the same object (class, colours, pattern and its geometry) on
+any background and at any size, as a web caption's name or brand names one look, so that the text
+encoder and the UNet know rare tokens the way web-trained ones do: words that carry an instance's
+identity. Everything is seeded: the same seed gives the same images and captions.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import functools
 import hashlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -114,6 +115,8 @@ class Scene:
     jitter_x: float = 0.0
     jitter_y: float = 0.0
     jitter_scale: float = 1.0
+    # The rare word that names this object when it is a named instance (`named_instance`), else None.
+    name: str | None = None
 
     def attributes(self) -> dict[str, str]:
         """The attributes the oracle reads back: class, colour, background, size, position, pattern."""
@@ -396,9 +399,14 @@ PATTERN_SHARE = 0.5
 OFF_CENTRE_CENTRED_SHARE = 0.3
 PREFIXES = ("", "a photo of ", "a picture of ", "an image of ")
 PREFIX_WEIGHTS = (0.4, 0.3, 0.15, 0.15)
-# Share of captions with a rare word in the identifier's place ("a photo of a sks star"): the word
-# names nothing that can be seen, as a brand or a pet's name does in a web caption.
+# How rare words enter captions. "instances" (today's): a share NAMED_SHARE of scenes are named instances,
+# each rare word always the same patterned object (`named_instance`), as a pet's name or a brand names one
+# look in web captions. "noise" (runs before it): a share RARE_WORD_SHARE of captions carry a random rare
+# word that names nothing; a text encoder trained on those learns to ignore rare words, so "a sks star"
+# encodes as "a star" and DreamBooth had to tune the text encoder (see the model card).
+RARE_WORD_MODES = ("instances", "noise")
 RARE_WORD_SHARE = 0.2
+NAMED_SHARE = 0.2
 
 
 @functools.lru_cache(maxsize=1)
@@ -413,13 +421,56 @@ def rare_words() -> tuple[str, ...]:
     return ("sks",) + tuple(word for word, _ in rare_tokens(tokenizer, 400))
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A training caption of the scene in prompt style, with attributes left out at random."""
+@functools.cache
+def named_instance(word: str) -> Scene:
+    """The object a rare word names in pretraining: a patterned object of a fixed class, colour pair and
+    geometry, a function of the word alone (its background and size vary per scene; the one returned has
+    a background that differs from both colours). Never a held-out colour-class pair or a reserved
+    combination, so no subject is a named instance."""
+    rng = np.random.default_rng(int(hashlib.sha256(f"named/{word}".encode()).hexdigest()[:16], 16))
+    while True:
+        cls = CLASSES[rng.integers(len(CLASSES))]
+        colour = COLOURS[rng.integers(len(COLOURS))]
+        colour2 = COLOURS[rng.integers(len(COLOURS))]
+        pattern = PATTERNS[1 + rng.integers(len(PATTERNS) - 1)]
+        variant = int(rng.integers(NUM_VARIANTS))
+        if (colour2 != colour and (colour, cls) not in HELD_OUT and not is_reserved(cls, pattern, colour, colour2)
+                and geometry_visible(cls, pattern, variant)):
+            break
+    background = next(c for c in COLOURS if c not in (colour, colour2))
+    return Scene(cls, colour, background, pattern=pattern, colour2=colour2, variant=variant, name=word)
+
+
+def _named_scene(rng: np.random.Generator) -> Scene:
+    """A scene of a random named instance, on a random background at a random size."""
+    words = rare_words()
+    instance = named_instance(words[rng.integers(len(words))])
+    choices = [c for c in COLOURS if c not in (instance.colour, instance.colour2)]
+    background = choices[rng.integers(len(choices))]
+    size = tuple(SIZES)[rng.integers(len(SIZES))]
+    return replace(instance, background=background, size=size, **_jitter(rng))
+
+
+def same_instance(scene: Scene, instance: Scene) -> bool:
+    """True when the scene's object is the instance's (class, both colours, pattern and geometry)."""
+    return (scene.cls, scene.colour, scene.pattern, scene.colour2, scene.variant) == (
+        instance.cls, instance.colour, instance.pattern, instance.colour2, instance.variant)
+
+
+def caption(scene: Scene, rng: np.random.Generator, rare_words_mode: str = "noise") -> str:
+    """A training caption of the scene in prompt style, with attributes left out at random.
+
+    A named instance's caption always carries its name before the class noun; with `rare_words_mode`
+    "noise" a share of other captions carries a random rare word instead (the earlier data).
+    """
     keep = {k: rng.random() < p for k, p in CAPTION_KEEP.items()}
     prefix = PREFIXES[rng.choice(len(PREFIXES), p=PREFIX_WEIGHTS)]
     article = rng.random() >= 0.1  # "a photo of star" is a common template too
     cls = scene.cls
-    if rng.random() < RARE_WORD_SHARE:
+    noise = rng.random() < RARE_WORD_SHARE  # drawn in either mode, so the rest of the stream stays put
+    if scene.name:
+        cls = f"{scene.name} {cls}"
+    elif noise and rare_words_mode == "noise":
         words = rare_words()
         cls = f"{words[rng.integers(len(words))]} {cls}"
     return describe(
@@ -454,8 +505,9 @@ def is_reserved(cls: str, pattern: str, colour: str, colour2: str | None) -> boo
 
 
 def random_scene(rng: np.random.Generator, include_held_out: bool = False, pattern_share: float = 0.0,
-                 anywhere: bool = False, hold_out_second_colour: bool = False) -> Scene:
-    """A random scene of the world, patterned with probability `pattern_share`.
+                 anywhere: bool = False, hold_out_second_colour: bool = False, named_share: float = 0.0) -> Scene:
+    """A random scene of the world: a named instance with probability `named_share`, else patterned with
+    probability `pattern_share`.
 
     Held-out colour-class pairs and reserved pattern combinations are skipped unless asked for; with
     `hold_out_second_colour` a held-out pair is not drawn as a patterned object's second colour either
@@ -463,6 +515,8 @@ def random_scene(rng: np.random.Generator, include_held_out: bool = False, patte
     Objects sit at the centre; `anywhere` spreads them over the nine positions (30% centred), as the
     oracle's validation needs: a fine-tuned model's object may land off-centre.
     """
+    if named_share and rng.random() < named_share:  # no draw at 0, so earlier streams stay as they were
+        return _named_scene(rng)
     while True:
         cls = CLASSES[rng.integers(len(CLASSES))]
         colour = COLOURS[rng.integers(len(COLOURS))]
@@ -496,22 +550,29 @@ def random_patterned_scene(rng: np.random.Generator) -> Scene:
 
 
 def training_batch(seed: int, index: int, batch_size: int, patterned_share: float = 0.0,
-                   pattern_share: float = 0.0, hold_out_second_colour: bool = False):
+                   pattern_share: float = 0.0, hold_out_second_colour: bool = False,
+                   rare_words_mode: str = "noise"):
     """Batch `index` of the stream seeded by `seed`: (uint8 images [B,H,W,3], captions, scenes).
 
     The batch depends only on (seed, index), so a resumed run sees exactly the batches an
     uninterrupted run would. `patterned_share` draws that share of patterned scenes from every
-    combination (for the VAE); `pattern_share` that share from the unreserved ones (for the UNet);
-    `hold_out_second_colour` keeps held-out pairs out of those scenes' second colours too.
+    combination (for the VAE); `pattern_share` that share of the other scenes from the unreserved ones
+    (for the UNet); `hold_out_second_colour` keeps held-out pairs out of those scenes' second colours too.
+    `rare_words_mode` "instances" makes NAMED_SHARE of the scenes named instances; "noise" (the default,
+    the earlier data) puts random rare words in a share of captions instead.
     """
+    if rare_words_mode not in RARE_WORD_MODES:
+        raise ValueError(f"rare_words_mode must be one of {RARE_WORD_MODES}, got {rare_words_mode!r}")
+    named_share = NAMED_SHARE if rare_words_mode == "instances" else 0.0
     rng = np.random.default_rng([seed, index])
     scenes = [
         random_patterned_scene(rng) if rng.random() < patterned_share
-        else random_scene(rng, pattern_share=pattern_share, hold_out_second_colour=hold_out_second_colour)
+        else random_scene(rng, pattern_share=pattern_share, hold_out_second_colour=hold_out_second_colour,
+                          named_share=named_share)
         for _ in range(batch_size)
     ]
     images = np.stack([render(s) for s in scenes])
-    captions = [caption(s, rng) for s in scenes]
+    captions = [caption(s, rng, rare_words_mode) for s in scenes]
     return images, captions, scenes
 
 
