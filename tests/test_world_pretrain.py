@@ -73,11 +73,12 @@ def test_the_command_line_can_add_the_pooled_prompt_and_the_earlier_rare_words(t
 
     assert main(["world", "pretrain", "--output-dir", str(tmp_path), "--vae-from", "shipped", "--text-steps", "0",
                  "--unet-steps", "2", "--batch-size", "2", "--threads", "1", "--pooled-prompt",
-                 "--rare-words", "noise"]) == 0
+                 "--rare-words", "noise", "--pattern-share", "0.5"]) == 0
     config = json.loads((tmp_path / "pipeline" / "unet" / "config.json").read_text())
     assert config["addition_embed_type"] == "text"
     state = json.loads((tmp_path / "checkpoints" / "unet" / "state.json").read_text())
-    assert state["settings"]["rare_words"] == "noise"
+    assert state["settings"]["rare_words"] == "noise" and state["settings"]["pattern_share"] == 0.5
+    assert main(["world", "pretrain", "--output-dir", str(tmp_path / "bad"), "--pattern-share", "1.5"]) != 0
     with pytest.raises(DreamtuneError, match="rare_words must be one of instances, noise"):
         pretrain(tmp_path / "other", rare_words="names", **TINY)
 

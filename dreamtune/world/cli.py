@@ -72,6 +72,9 @@ def register(subparsers) -> None:
                      help="How rare words enter captions: 'instances' (default), each names one patterned object, "
                      "as names and brands do in web captions; 'noise', random rare words that name nothing "
                      "(the data of runs before it).")
+    pre.add_argument("--pattern-share", type=float, default=None,
+                     help="Share of the scenes other than named instances that carry a two-colour pattern "
+                     "(default 0.4; runs with --rare-words noise used 0.5).")
     pre.set_defaults(func=_pretrain)
 
     export = commands.add_parser("export", help="Write a pipeline folder from a pretraining run's latest checkpoint "
@@ -169,6 +172,10 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides["text_time_embedding"] = args.pooled_prompt
     if args.rare_words is not None:
         overrides["rare_words"] = args.rare_words
+    if args.pattern_share is not None:
+        if not 0.0 <= args.pattern_share <= 1.0:
+            raise DreamtuneError(f"--pattern-share must be between 0 and 1, got {args.pattern_share}")
+        overrides["pattern_share"] = args.pattern_share
     if args.unet_channels:
         try:
             overrides["unet_channels"] = tuple(int(c) for c in args.unet_channels.split(","))
