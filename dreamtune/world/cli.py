@@ -14,6 +14,7 @@ from ..errors import DreamtuneError
 
 def register(subparsers) -> None:
     """Add the `demo` command and the `world` command group to an argparse subparsers object."""
+    from . import render
     demo = subparsers.add_parser(
         "demo",
         help="Personalize the shipped shapes-world model on one of its subjects and compare with the base model.",
@@ -68,7 +69,7 @@ def register(subparsers) -> None:
     pre.add_argument("--pooled-prompt", action=argparse.BooleanOptionalAction, default=None,
                      help="Also give the UNet the pooled prompt in its time embedding, as SDXL does (default: "
                      "no; the prompt goes in through cross-attention only, as in SD 1.x/2.x).")
-    pre.add_argument("--rare-words", choices=("instances", "noise"), default=None,
+    pre.add_argument("--rare-words", choices=render.RARE_WORD_MODES, default=None,
                      help="How rare words enter captions: 'instances' (default), each names one patterned object, "
                      "as names and brands do in web captions; 'noise', random rare words that name nothing "
                      "(the data of runs before it).")

@@ -463,7 +463,7 @@ def prompt_fidelity(readings: Sequence[Reading], prompted: Sequence[dict]) -> fl
 
 
 # What makes a subject itself: every one must match for the subject to be present in an image.
-IDENTITY = ("class", "colour", "colour2", "pattern", "variant")
+IDENTITY = render.IDENTITY
 
 
 def subject_signature(references: Sequence[Reading]) -> dict:

@@ -98,6 +98,11 @@ RESERVED_EXTRA = frozenset({
 })
 
 
+# What makes an object (a subject, a named instance) itself, as `Scene.attributes` names it: the oracle
+# reads these back, and every one must match for the object to count as present.
+IDENTITY = ("class", "colour", "colour2", "pattern", "variant")
+
+
 @dataclass(frozen=True)
 class Scene:
     """One image of the world: an object of a class, its colours, size, position and background."""
@@ -452,9 +457,10 @@ def _named_scene(rng: np.random.Generator) -> Scene:
 
 
 def same_instance(scene: Scene, instance: Scene) -> bool:
-    """True when the scene's object is the instance's (class, both colours, pattern and geometry)."""
-    return (scene.cls, scene.colour, scene.pattern, scene.colour2, scene.variant) == (
-        instance.cls, instance.colour, instance.pattern, instance.colour2, instance.variant)
+    """True when the scene's object is the instance's (every IDENTITY attribute: class, both colours,
+    pattern and geometry)."""
+    ours, theirs = scene.attributes(), instance.attributes()
+    return all(ours.get(key) == theirs.get(key) for key in IDENTITY)
 
 
 def caption(scene: Scene, rng: np.random.Generator, rare_words_mode: str = "noise") -> str:
