@@ -83,6 +83,40 @@ def test_the_command_line_can_add_the_pooled_prompt_and_the_earlier_rare_words(t
         pretrain(tmp_path / "other", rare_words="names", **TINY)
 
 
+def test_a_plain_first_stage_trains_the_unet_on_plain_unnamed_objects_then_on_the_whole_world(tmp_path, monkeypatch):
+    import json
+
+    from dreamtune.cli import main
+    from dreamtune.world import pretrain as module
+    from dreamtune.world import render
+
+    seen = {}
+    real = module._scene_batch
+
+    def spy(settings, stream, index, size, plain=False):
+        batch = real(settings, stream, index, size, plain=plain)
+        if stream == settings.seed:  # the UNet phase's stream (the text phase has its own)
+            seen[index] = batch
+        return batch
+
+    monkeypatch.setattr(module, "_scene_batch", spy)
+    assert main(["world", "pretrain", "--output-dir", str(tmp_path), "--vae-from", "shipped", "--text-steps", "2",
+                 "--unet-steps", "4", "--batch-size", "8", "--threads", "1", "--plain-steps", "2"]) == 0
+    assert sorted(seen) == [0, 1, 2, 3]
+    words = set(render.rare_words())
+    for index in (0, 1):
+        _, captions, scenes = seen[index]
+        assert all(s.pattern == "plain" and s.name is None for s in scenes)
+        assert not any(words & set(c.split()) for c in captions)
+    later = [s for index in (2, 3) for s in seen[index][2]]
+    assert any(s.pattern != "plain" for s in later) and any(s.name for s in later)
+    state = json.loads((tmp_path / "checkpoints" / "unet" / "state.json").read_text())
+    assert state["settings"]["plain_steps"] == 2
+    assert main(["world", "pretrain", "--output-dir", str(tmp_path / "bad"), "--plain-steps", "-1"]) != 0
+    with pytest.raises(DreamtuneError, match="plain_steps"):  # a UNet-phase setting: fixed once the phase began
+        pretrain(tmp_path, **{**TINY, "unet_steps": 4, "batch_size": 8, "text_steps": 2, "text_batch_size": 64})
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     pretrain(tmp_path, stop_after_steps=5, **TINY)  # into the UNet phase, whose settings are then fixed
     with pytest.raises(DreamtuneError, match="batch_size"):
@@ -122,7 +156,7 @@ def test_runs_saved_before_a_setting_existed_keep_their_meaning(tmp_path):
     state_file = tmp_path / "checkpoints" / "unet" / "state.json"
     state = json.loads(state_file.read_text())
     for key in ("max_length", "text_time_embedding", "attention_at_top", "object_weight", "unet_layout",
-                "pattern_share", "vae_from", "text_steps", "hold_out_second_colour", "rare_words"):
+                "pattern_share", "vae_from", "text_steps", "hold_out_second_colour", "rare_words", "plain_steps"):
         del state["settings"][key]
     state_file.write_text(json.dumps(state))
     pipe_dir = export_checkpoint(tmp_path, tmp_path / "exported")

@@ -76,6 +76,9 @@ def register(subparsers) -> None:
     pre.add_argument("--pattern-share", type=float, default=None,
                      help="Share of the scenes other than named instances that carry a two-colour pattern "
                      "(default 0.4; runs with --rare-words noise used 0.5).")
+    pre.add_argument("--plain-steps", type=int, default=None,
+                     help="The UNet phase's first N steps see plain, unnamed objects only (a plain first stage; "
+                     "default 0).")
     pre.set_defaults(func=_pretrain)
 
     export = commands.add_parser("export", help="Write a pipeline folder from a pretraining run's latest checkpoint "
@@ -177,6 +180,10 @@ def _pretrain(args: argparse.Namespace) -> int:
         if not 0.0 <= args.pattern_share <= 1.0:
             raise DreamtuneError(f"--pattern-share must be between 0 and 1, got {args.pattern_share}")
         overrides["pattern_share"] = args.pattern_share
+    if args.plain_steps is not None:
+        if args.plain_steps < 0:
+            raise DreamtuneError(f"--plain-steps must be 0 or more, got {args.plain_steps}")
+        overrides["plain_steps"] = args.plain_steps
     if args.unet_channels:
         try:
             overrides["unet_channels"] = tuple(int(c) for c in args.unet_channels.split(","))

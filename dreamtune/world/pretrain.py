@@ -86,6 +86,10 @@ class PretrainSettings:
     # noise, the frozen text encoder learned to read "a sks star" as "a star" and DreamBooth could not
     # learn a subject without tuning it (see the model card).
     rare_words: str = "instances"
+    # A plain first stage of the UNet phase: its first `plain_steps` steps see plain objects only, with
+    # no named instances (so no rare word), as the first version of the shipped model was trained before
+    # patterns came in; the rest of the phase sees the full world.
+    plain_steps: int = 0
     # Keep held-out colour-class pairs out of patterned scenes' second colours as well, so a held-out pair
     # is never drawn at all. Off: without it the model trained from scratch drew held-out pairs' colour in
     # 0.84 of images, its misses mostly two-colour objects, which suggested the leak; but with it, at step
@@ -119,12 +123,16 @@ class PretrainSettings:
 # What runs saved before a setting existed used instead of it.
 _EARLIER_DEFAULTS = {"max_length": 77, "text_time_embedding": False, "attention_at_top": False, "object_weight": 1.0,
                      "unet_layout": "low", "pattern_share": 0.0, "vae_from": "", "init_from": "", "text_steps": 0,
-                     "hold_out_second_colour": False, "rare_words": "noise"}
+                     "hold_out_second_colour": False, "rare_words": "noise",
+                     "plain_steps": 0}
 
 
-def _scene_batch(settings: PretrainSettings, stream: int, index: int, size: int):
+def _scene_batch(settings: PretrainSettings, stream: int, index: int, size: int, plain: bool = False):
     """Batch `index` of a captioned scene stream as the text and UNet phases see it (the settings' pattern
-    share, held-out rule and rare words): (uint8 images, captions, scenes)."""
+    share, held-out rule and rare words; with `plain`, plain objects without names): (uint8 images,
+    captions, scenes)."""
+    if plain:
+        return render.training_batch(stream, index, size, rare_words_mode=settings.rare_words, named_share=0.0)
     return render.training_batch(stream, index, size, pattern_share=settings.pattern_share,
                                  hold_out_second_colour=settings.hold_out_second_colour,
                                  rare_words_mode=settings.rare_words)
@@ -532,7 +540,8 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
     step = start
     losses: list[float] = []
     while step < settings.unet_steps:
-        images, captions, scenes = _scene_batch(settings, settings.seed, step, settings.batch_size)
+        images, captions, scenes = _scene_batch(settings, settings.seed, step, settings.batch_size,
+                                                plain=step < settings.plain_steps)
         rng = np.random.default_rng([settings.seed, step, 7])
         captions = ["" if rng.random() < settings.caption_dropout else c for c in captions]
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
@@ -733,7 +742,7 @@ def pretrain(
                            "hold_out_second_colour", "rare_words", "pattern_share"),
                   "unet": ("seed", "batch_size", "text_hidden_size", "text_layers", "unet_channels", "max_length",
                            "text_time_embedding", "attention_at_top", "unet_layout", "vae_from", "init_from",
-                           "text_steps", "hold_out_second_colour", "rare_words", "pattern_share")}
+                           "text_steps", "hold_out_second_colour", "rare_words", "pattern_share", "plain_steps")}
     for phase, keys in phase_keys.items():
         previous = run_dir / "checkpoints" / phase / "state.json"
         if resume and previous.exists():

@@ -557,7 +557,7 @@ def random_patterned_scene(rng: np.random.Generator) -> Scene:
 
 def training_batch(seed: int, index: int, batch_size: int, patterned_share: float = 0.0,
                    pattern_share: float = 0.0, hold_out_second_colour: bool = False,
-                   rare_words_mode: str = "noise"):
+                   rare_words_mode: str = "noise", named_share: float | None = None):
     """Batch `index` of the stream seeded by `seed`: (uint8 images [B,H,W,3], captions, scenes).
 
     The batch depends only on (seed, index), so a resumed run sees exactly the batches an
@@ -565,11 +565,13 @@ def training_batch(seed: int, index: int, batch_size: int, patterned_share: floa
     combination (for the VAE); `pattern_share` that share of the other scenes from the unreserved ones
     (for the UNet); `hold_out_second_colour` keeps held-out pairs out of those scenes' second colours too.
     `rare_words_mode` "instances" makes NAMED_SHARE of the scenes named instances; "noise" (the default,
-    the earlier data) puts random rare words in a share of captions instead.
+    the earlier data) puts random rare words in a share of captions instead. `named_share` overrides the
+    share of named instances ("instances" mode: 0 gives captions without any rare word).
     """
     if rare_words_mode not in RARE_WORD_MODES:
         raise ValueError(f"rare_words_mode must be one of {RARE_WORD_MODES}, got {rare_words_mode!r}")
-    named_share = NAMED_SHARE if rare_words_mode == "instances" else 0.0
+    if named_share is None or rare_words_mode != "instances":
+        named_share = NAMED_SHARE if rare_words_mode == "instances" else 0.0
     rng = np.random.default_rng([seed, index])
     scenes = [
         random_patterned_scene(rng) if rng.random() < patterned_share
