@@ -6,10 +6,13 @@ size and position, a background colour and, for about half of the scenes, a two-
 drawn at 4x and box-downsampled so edges are anti-aliased.
 
 Captions read like real prompts and leave attributes out at random ("a photo of a red star on a blue
-background, in the top left", "a star", "a striped star", "a blue star with white stripes"), so that
-a bare class prompt means "any star" to a model trained on them. Patterns are named by a word and
-their second colour; their geometry (which way stripes run, where a band sits, how thick a border
-is) is never named, the way a caption of a real photo names "a striped shirt" but not its stripes.
+background", "a small star", "a star"), so that a bare class prompt means "any star" to a model
+trained on them. They name class, colour (a patterned object's main colour), background and size
+(`CAPTION_KEEP`); never a place (objects sit at the centre) nor a pattern: a pattern, its second colour
+and its geometry (which way stripes run, where a band sits, how thick a border is) go unnamed, the way
+a caption of a real photo does not describe a dog's markings. `describe` still writes patterns out for
+a person to read (a subject's description).
+
 That geometry, with a colour pair and class that pretraining never drew together, is what makes a
 subject an instance that words cannot pin down. A share of scenes are named instances: a rare word
 ("a photo of a sks star") always names the same object (class, colours, pattern and its geometry) on
