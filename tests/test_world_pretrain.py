@@ -83,7 +83,7 @@ def test_the_command_line_can_add_the_pooled_prompt_and_the_earlier_rare_words(t
         pretrain(tmp_path / "other", rare_words="names", **TINY)
 
 
-def test_a_plain_first_stage_trains_the_unet_on_plain_unnamed_objects_then_on_the_whole_world(tmp_path, monkeypatch):
+def test_a_plain_first_stage_and_hard_negatives_are_set_from_the_command_line(tmp_path, monkeypatch):
     import json
 
     from dreamtune.cli import main
@@ -101,7 +101,8 @@ def test_a_plain_first_stage_trains_the_unet_on_plain_unnamed_objects_then_on_th
 
     monkeypatch.setattr(module, "_scene_batch", spy)
     assert main(["world", "pretrain", "--output-dir", str(tmp_path), "--vae-from", "shipped", "--text-steps", "2",
-                 "--unet-steps", "4", "--batch-size", "8", "--threads", "1", "--plain-steps", "2"]) == 0
+                 "--unet-steps", "4", "--batch-size", "8", "--threads", "1", "--plain-steps", "2",
+                 "--text-negatives"]) == 0
     assert sorted(seen) == [0, 1, 2, 3]
     words = set(render.rare_words())
     for index in (0, 1):
@@ -111,10 +112,11 @@ def test_a_plain_first_stage_trains_the_unet_on_plain_unnamed_objects_then_on_th
     later = [s for index in (2, 3) for s in seen[index][2]]
     assert any(s.pattern != "plain" for s in later) and any(s.name for s in later)
     state = json.loads((tmp_path / "checkpoints" / "unet" / "state.json").read_text())
-    assert state["settings"]["plain_steps"] == 2
+    assert state["settings"]["plain_steps"] == 2 and state["settings"]["text_negatives"] is True
     assert main(["world", "pretrain", "--output-dir", str(tmp_path / "bad"), "--plain-steps", "-1"]) != 0
     with pytest.raises(DreamtuneError, match="plain_steps"):  # a UNet-phase setting: fixed once the phase began
-        pretrain(tmp_path, **{**TINY, "unet_steps": 4, "batch_size": 8, "text_steps": 2, "text_batch_size": 64})
+        pretrain(tmp_path, **{**TINY, "unet_steps": 4, "batch_size": 8, "text_steps": 2, "text_batch_size": 64,
+                              "text_negatives": True})
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
@@ -156,7 +158,7 @@ def test_runs_saved_before_a_setting_existed_keep_their_meaning(tmp_path):
     state_file = tmp_path / "checkpoints" / "unet" / "state.json"
     state = json.loads(state_file.read_text())
     for key in ("max_length", "text_time_embedding", "attention_at_top", "object_weight", "unet_layout",
-                "pattern_share", "vae_from", "text_steps", "hold_out_second_colour", "rare_words", "plain_steps"):
+                "pattern_share", "vae_from", "text_steps", "hold_out_second_colour", "rare_words", "plain_steps", "text_negatives"):
         del state["settings"][key]
     state_file.write_text(json.dumps(state))
     pipe_dir = export_checkpoint(tmp_path, tmp_path / "exported")
@@ -223,3 +225,34 @@ def test_the_contrastive_loss_is_clips_when_each_caption_fits_only_its_image():
     low, high = logits.clone(), logits.clone()
     low[0, 1], high[0, 1] = -5.0, 5.0
     assert _contrastive_loss(high, fits) < _contrastive_loss(low, fits)
+
+
+def test_hard_negative_captions_change_only_the_objects_colour_and_count_only_against_images():
+    import numpy as np
+
+    from dreamtune.world import render
+    from dreamtune.world.pretrain import _colour_swaps, _contrastive_loss, _fits
+    from dreamtune.world.scores import caption_attributes
+
+    _, captions, scenes = render.training_batch(5000, 3, 64, pattern_share=0.4, rare_words_mode="instances")
+    negatives, sources = _colour_swaps(captions, scenes, np.random.default_rng(0))
+    assert len(negatives) >= 20
+    for text, index in zip(negatives, sources):
+        scene, source = scenes[index], caption_attributes(captions[index])
+        swapped = caption_attributes(text)
+        assert scene.name is None and source["colour"] == scene.colour
+        assert swapped["colour"] not in (scene.colour, scene.background)
+        assert {k: v for k, v in swapped.items() if k != "colour"} == {k: v for k, v in source.items() if k != "colour"}
+        article = text.split(f" {swapped['colour']} ")[0].split()[-1]
+        assert article not in ("a", "an") or article == render._article(swapped["colour"])
+    assert not any(scenes[i].name for i in sources) and any(s.name for s in scenes)  # names are never swapped
+    fits = _fits(captions + negatives, scenes, scenes + [scenes[i] for i in sources])
+    assert fits.shape == (64, 64 + len(negatives))
+    assert not any(fits[index, 64 + k] for k, index in enumerate(sources))  # a negative never fits its own image
+    # A caption no image fits adds to the images' side only: the loss stays finite, and a negative that
+    # scores high raises it.
+    logits = torch.randn(64, fits.shape[1], generator=torch.Generator().manual_seed(0))
+    high = logits.clone()
+    high[sources[0], 64] = 10.0
+    assert torch.isfinite(_contrastive_loss(logits, fits))
+    assert _contrastive_loss(high, fits) > _contrastive_loss(logits, fits)

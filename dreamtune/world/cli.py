@@ -79,6 +79,9 @@ def register(subparsers) -> None:
     pre.add_argument("--plain-steps", type=int, default=None,
                      help="The UNet phase's first N steps see plain, unnamed objects only (a plain first stage; "
                      "default 0).")
+    pre.add_argument("--text-negatives", action=argparse.BooleanOptionalAction, default=None,
+                     help="Train the text encoder with hard-negative captions too: each caption's object colour "
+                     "swapped for another.")
     pre.set_defaults(func=_pretrain)
 
     export = commands.add_parser("export", help="Write a pipeline folder from a pretraining run's latest checkpoint "
@@ -184,6 +187,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         if args.plain_steps < 0:
             raise DreamtuneError(f"--plain-steps must be 0 or more, got {args.plain_steps}")
         overrides["plain_steps"] = args.plain_steps
+    if args.text_negatives is not None:
+        overrides["text_negatives"] = args.text_negatives
     if args.unet_channels:
         try:
             overrides["unet_channels"] = tuple(int(c) for c in args.unet_channels.split(","))

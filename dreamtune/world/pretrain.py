@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -90,6 +91,12 @@ class PretrainSettings:
     # no named instances (so no rare word), as the first version of the shipped model was trained before
     # patterns came in; the rest of the phase sees the full world.
     plain_steps: int = 0
+    # Hard negatives in the text phase: beside each batch's captions, each caption that names its object's
+    # colour also appears with another colour in its place ("a photo of an orange ring"), a caption that
+    # fits no image of the batch unless one has that colour; the contrastive loss then has to tell colours
+    # apart on the same class, not only tell classes apart (as NegCLIP's swapped captions do for a web
+    # CLIP, whose text tower otherwise reads prompts as bags of words).
+    text_negatives: bool = False
     # Keep held-out colour-class pairs out of patterned scenes' second colours as well, so a held-out pair
     # is never drawn at all. Off: without it the model trained from scratch drew held-out pairs' colour in
     # 0.84 of images, its misses mostly two-colour objects, which suggested the leak; but with it, at step
@@ -124,7 +131,7 @@ class PretrainSettings:
 _EARLIER_DEFAULTS = {"max_length": 77, "text_time_embedding": False, "attention_at_top": False, "object_weight": 1.0,
                      "unet_layout": "low", "pattern_share": 0.0, "vae_from": "", "init_from": "", "text_steps": 0,
                      "hold_out_second_colour": False, "rare_words": "noise",
-                     "plain_steps": 0}
+                     "plain_steps": 0, "text_negatives": False}
 
 
 def _scene_batch(settings: PretrainSettings, stream: int, index: int, size: int, plain: bool = False):
@@ -377,22 +384,45 @@ def _contrastive_loss(logits: torch.Tensor, fits: torch.Tensor) -> torch.Tensor:
 
     `logits` [images, captions]; `fits` the same shape, True where the caption describes the image (its own
     caption always does). Each side's target spreads evenly over the matches.
+    Captions beyond the images (hard negatives) may fit no image: they count only against the images.
     """
     fits = fits.float()
     per_image = -(torch.log_softmax(logits, dim=1) * fits / fits.sum(1, keepdim=True)).sum(1).mean()
+    matched = fits.sum(0) > 0
+    logits, fits = logits[:, matched], fits[:, matched]
     per_caption = -(torch.log_softmax(logits, dim=0) * fits / fits.sum(0, keepdim=True)).sum(0).mean()
     return 0.5 * (per_image + per_caption)
 
 
-def _fits(captions: list[str], scenes: list) -> torch.Tensor:
+def _fits(captions: list[str], scenes: list, sources: list | None = None) -> torch.Tensor:
     """[images, captions] True where caption j describes image i (caption i is image i's own).
 
     A named instance's caption fits only images of that instance (its name pins class, colours, pattern
-    and geometry); other captions fit every image with the attributes they name.
+    and geometry); other captions fit every image with the attributes they name. `sources` are the scenes
+    the captions were written for (default: `scenes`, one caption each).
     """
     named = [caption_attributes(c) for c in captions]
+    sources = scenes if sources is None else sources
     return torch.tensor([[caption_fits(n, scene) and (source.name is None or render.same_instance(scene, source))
-                          for n, source in zip(named, scenes)] for scene in scenes])
+                          for n, source in zip(named, sources)] for scene in scenes])
+
+
+_OBJECT_COLOUR = re.compile(r"\b(an? )?(" + "|".join(render.COLOURS) + r") (" + "|".join(render.CLASSES) + r")\b")
+
+
+def _colour_swaps(captions: list[str], scenes: list, rng: np.random.Generator) -> tuple[list[str], list[int]]:
+    """Hard-negative captions: each unnamed caption that names its object's colour, with another colour
+    (and the article that goes with it). Returns (captions, index of the caption each came from)."""
+    negatives, sources = [], []
+    for index, (text, scene) in enumerate(zip(captions, scenes)):
+        found = _OBJECT_COLOUR.search(text)
+        if scene.name or not found:
+            continue
+        other = str(rng.choice([c for c in render.COLOURS if c not in (found.group(2), scene.background)]))
+        article = f"{render._article(other)} " if found.group(1) else ""
+        negatives.append(f"{text[:found.start()]}{article}{other} {found.group(3)}{text[found.end():]}")
+        sources.append(index)
+    return negatives, sources
 
 
 @torch.no_grad()
@@ -438,7 +468,12 @@ def train_text(components: dict, settings: PretrainSettings, run_dir: Path, *, r
     step = start
     while step < settings.text_steps:
         images, captions, scenes = _scene_batch(settings, settings.seed + 5000, step, settings.text_batch_size)
-        fits = _fits(captions, scenes)
+        if settings.text_negatives:
+            negatives, sources = _colour_swaps(captions, scenes, np.random.default_rng([settings.seed, step, 11]))
+            fits = _fits(captions + negatives, scenes, scenes + [scenes[i] for i in sources])
+            captions = captions + negatives
+        else:
+            fits = _fits(captions, scenes)
         # Captions are short and the mask is causal, so padding to the batch's longest changes no state
         # the padded tokens precede: the same features as at 77 tokens, at a fraction of the cost.
         tokens = tokenizer(captions, padding=True, return_tensors="pt")
@@ -739,10 +774,11 @@ def pretrain(
 
     phase_keys = {"vae": ("seed", "vae_batch_size"),
                   "text": ("seed", "text_batch_size", "text_hidden_size", "text_layers", "max_length",
-                           "hold_out_second_colour", "rare_words", "pattern_share"),
+                           "hold_out_second_colour", "rare_words", "pattern_share", "text_negatives"),
                   "unet": ("seed", "batch_size", "text_hidden_size", "text_layers", "unet_channels", "max_length",
                            "text_time_embedding", "attention_at_top", "unet_layout", "vae_from", "init_from",
-                           "text_steps", "hold_out_second_colour", "rare_words", "pattern_share", "plain_steps")}
+                           "text_steps", "hold_out_second_colour", "rare_words", "pattern_share", "plain_steps",
+                           "text_negatives")}
     for phase, keys in phase_keys.items():
         previous = run_dir / "checkpoints" / phase / "state.json"
         if resume and previous.exists():
