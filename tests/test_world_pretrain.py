@@ -212,6 +212,22 @@ def test_with_no_text_phase_the_text_encoder_trains_with_the_unet(tmp_path):
     assert any(k.startswith("text_encoder.") for k in ema)
 
 
+def test_after_its_phase_the_text_encoder_can_keep_learning_with_the_unet_at_its_own_rate(tmp_path):
+    import json
+
+    from dreamtune.world.pretrain import PretrainSettings
+
+    pretrain(tmp_path, text_joint_lr=1e-4, **TINY)
+    phase = load_file(tmp_path / "checkpoints" / "text" / "clip.safetensors")
+    after_phase = {k[len("text_model."):]: v for k, v in phase.items() if k.startswith("text_model.")}
+    after_unet = load_file(tmp_path / "checkpoints" / "unet" / "text_encoder.safetensors")
+    assert not torch.equal(after_unet["embeddings.token_embedding.weight"],
+                           after_phase["embeddings.token_embedding.weight"])
+    assert any(k.startswith("text_encoder.") for k in load_file(tmp_path / "checkpoints" / "unet" / "ema.safetensors"))
+    state = json.loads((tmp_path / "checkpoints" / "unet" / "state.json").read_text())
+    assert [g["initial_lr"] for g in state["optimizer"]["param_groups"]] == [PretrainSettings().learning_rate, 1e-4]
+
+
 def test_the_contrastive_loss_is_clips_when_each_caption_fits_only_its_image():
     from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 

@@ -82,6 +82,9 @@ def register(subparsers) -> None:
     pre.add_argument("--text-negatives", action=argparse.BooleanOptionalAction, default=None,
                      help="Train the text encoder with hard-negative captions too: each caption's object colour "
                      "swapped for another.")
+    pre.add_argument("--text-joint-lr", type=float, default=None,
+                     help="After its own phase, keep training the text encoder with the UNet at this learning rate "
+                     "(default 0: frozen).")
     pre.set_defaults(func=_pretrain)
 
     export = commands.add_parser("export", help="Write a pipeline folder from a pretraining run's latest checkpoint "
@@ -189,6 +192,10 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides["plain_steps"] = args.plain_steps
     if args.text_negatives is not None:
         overrides["text_negatives"] = args.text_negatives
+    if args.text_joint_lr is not None:
+        if args.text_joint_lr < 0:
+            raise DreamtuneError(f"--text-joint-lr must be 0 or more, got {args.text_joint_lr}")
+        overrides["text_joint_lr"] = args.text_joint_lr
     if args.unet_channels:
         try:
             overrides["unet_channels"] = tuple(int(c) for c in args.unet_channels.split(","))

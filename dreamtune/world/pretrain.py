@@ -97,6 +97,9 @@ class PretrainSettings:
     # apart on the same class, not only tell classes apart (as NegCLIP's swapped captions do for a web
     # CLIP, whose text tower otherwise reads prompts as bags of words).
     text_negatives: bool = False
+    # After its own phase the text encoder is frozen under the UNet (0), or keeps learning with it at this
+    # rate, from the diffusion loss, as the shipped model's did (its text encoder learned only that way).
+    text_joint_lr: float = 0.0
     # Keep held-out colour-class pairs out of patterned scenes' second colours as well, so a held-out pair
     # is never drawn at all. Off: without it the model trained from scratch drew held-out pairs' colour in
     # 0.84 of images, its misses mostly two-colour objects, which suggested the leak; but with it, at step
@@ -131,7 +134,8 @@ class PretrainSettings:
 _EARLIER_DEFAULTS = {"max_length": 77, "text_time_embedding": False, "attention_at_top": False, "object_weight": 1.0,
                      "unet_layout": "low", "pattern_share": 0.0, "vae_from": "", "init_from": "", "text_steps": 0,
                      "hold_out_second_colour": False, "rare_words": "noise",
-                     "plain_steps": 0, "text_negatives": False}
+                     "plain_steps": 0, "text_negatives": False,
+                     "text_joint_lr": 0.0}
 
 
 def _scene_batch(settings: PretrainSettings, stream: int, index: int, size: int, plain: bool = False):
@@ -528,10 +532,10 @@ def _object_weights(scenes, size: int, weight: float) -> torch.Tensor:
 def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, resume: bool, progress: bool,
                stopwatch: _Stopwatch, log) -> tuple[bool, dict]:
     """Phase 3: the UNet on the VAE's latents, the text encoder frozen after its own phase (or, with
-    `text_steps` 0, trained jointly). Returns (done, EMA weights)."""
+    `text_steps` 0 or `text_joint_lr`, trained jointly). Returns (done, EMA weights)."""
     unet, text_encoder, vae, scheduler = (components[k] for k in ("unet", "text_encoder", "vae", "scheduler"))
     vae.eval().requires_grad_(False)
-    joint_text = settings.text_steps == 0
+    joint_text = settings.text_steps == 0 or settings.text_joint_lr > 0
     if not joint_text:
         text_encoder.eval().requires_grad_(False)
     scale = vae.config.scaling_factor
@@ -541,7 +545,8 @@ def train_unet(components: dict, settings: PretrainSettings, run_dir: Path, *, r
         params.update({f"text_encoder.{k}": p for k, p in text_encoder.named_parameters()})
         # No decay on the text encoder: it would shrink the embeddings of words never seen in
         # training (rare identifiers such as "sks") towards zero.
-        groups.append({"params": list(text_encoder.parameters()), "weight_decay": 0.0})
+        groups.append({"params": list(text_encoder.parameters()), "weight_decay": 0.0,
+                       "lr": settings.text_joint_lr if settings.text_steps else settings.learning_rate})
     optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate)
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -778,7 +783,7 @@ def pretrain(
                   "unet": ("seed", "batch_size", "text_hidden_size", "text_layers", "unet_channels", "max_length",
                            "text_time_embedding", "attention_at_top", "unet_layout", "vae_from", "init_from",
                            "text_steps", "hold_out_second_colour", "rare_words", "pattern_share", "plain_steps",
-                           "text_negatives")}
+                           "text_negatives", "text_joint_lr")}
     for phase, keys in phase_keys.items():
         previous = run_dir / "checkpoints" / phase / "state.json"
         if resume and previous.exists():
