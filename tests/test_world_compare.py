@@ -20,6 +20,20 @@ def test_real_class_images_are_captioned_world_scenes_of_the_class(tmp_path):
     assert again == folder and sorted(folder.glob("*.png")) == images
 
 
+def test_real_class_images_are_captioned_as_the_base_model_was_pretrained(tmp_path):
+    from dreamtune.io import write_json
+
+    model = tmp_path / "model"
+    write_json(model / "world_pretrain.json", {"settings": {"rare_words": "instances"}})
+    folder = write_real_class_images("ring", tmp_path / "rings", count=60, seed=1, base_model=model)
+    words = set(render.rare_words())
+    named = [c.split() for c in (p.read_text() for p in folder.glob("*.txt")) if words & set(c.split())]
+    assert 3 <= len(named) <= 30  # about a fifth are named instances, as in that pretraining
+    for caption in named:
+        word = next(w for w in caption if w in words)
+        assert caption[caption.index(word) + 1] == "ring" and render.named_instance(word).cls == "ring"
+
+
 @pytest.mark.slow  # about 1.5 minutes: six models sampled on 20 prompts each
 def test_compare_trains_scores_merges_and_resumes(tmp_path, capsys):
     out = tmp_path / "compare"

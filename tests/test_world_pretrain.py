@@ -78,6 +78,13 @@ def test_the_command_line_can_add_the_pooled_prompt_and_the_earlier_rare_words(t
     assert config["addition_embed_type"] == "text"
     state = json.loads((tmp_path / "checkpoints" / "unet" / "state.json").read_text())
     assert state["settings"]["rare_words"] == "noise" and state["settings"]["pattern_share"] == 0.5
+    # The pipeline folder says how it was pretrained; one without that file reads as runs before it.
+    from dreamtune.world.pretrain import pretrained_settings
+
+    told = pretrained_settings(tmp_path / "pipeline")
+    assert (told.rare_words, told.pattern_share, told.text_time_embedding) == ("noise", 0.5, True)
+    assert pretrained_settings(tmp_path / "checkpoints").rare_words == "noise"
+    assert pretrained_settings(tmp_path / "checkpoints").pattern_share == 0.0
     assert main(["world", "pretrain", "--output-dir", str(tmp_path / "bad"), "--pattern-share", "1.5"]) != 0
     with pytest.raises(DreamtuneError, match="rare_words must be one of instances, noise"):
         pretrain(tmp_path / "other", rare_words="names", **TINY)

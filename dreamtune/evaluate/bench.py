@@ -374,7 +374,8 @@ def cell_config(spec: BenchSpec, subject: BenchSubject, label: str, run_dir: Pat
             from ..world.bench import real_class_images
 
             folder = spec.output_dir / "world_class_images" / subject.class_noun
-            concept.class_data_dir = str(real_class_images(subject.class_noun, folder, seed=spec.seed))
+            concept.class_data_dir = str(real_class_images(subject.class_noun, folder, seed=spec.seed,
+                                                           base_model=spec.base_model))
     return config
 
 

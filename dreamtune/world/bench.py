@@ -108,11 +108,14 @@ def world_scorer(images, prompts, subject) -> dict:
 world_scorer.table_columns = TABLE_COLUMNS
 
 
-def real_class_images(class_noun: str, folder: Path, seed: int = 0) -> Path:
-    """World scenes of a class with their captions, the world's "real images" of it (Custom Diffusion's regularisation)."""
+def real_class_images(class_noun: str, folder: Path, seed: int = 0, base_model: str | Path | None = None) -> Path:
+    """World scenes of a class with their captions, the world's "real images" of it (Custom Diffusion's
+    regularisation), captioned as `base_model` (a world pipeline folder; default the shipped one) was pretrained."""
     from .compare import write_real_class_images
     from .render import CLASSES
 
     if class_noun not in CLASSES:
         raise ConfigError(f"class_data_dir = \"world\": '{class_noun}' is not a shapes-world class ({', '.join(CLASSES)}).")
-    return write_real_class_images(class_noun, folder, seed=seed)
+    if base_model is not None and not (Path(base_model) / "model_index.json").exists():
+        base_model = None  # not a world pipeline folder: caption as the shipped model's data
+    return write_real_class_images(class_noun, folder, seed=seed, base_model=base_model)

@@ -35,13 +35,15 @@ SINGLE_MODELS: dict[str, tuple[str, dict]] = {
 }
 
 
-def write_real_class_images(cls: str, out_dir: Path, count: int | None = None, seed: int = 0) -> Path:
+def write_real_class_images(cls: str, out_dir: Path, count: int | None = None, seed: int = 0,
+                            base_model: str | Path | None = None) -> Path:
     """Write `count` world scenes of a class with their captions (.txt beside each PNG); reuse a finished folder.
 
     `count` defaults to the world's Custom Diffusion setting (`demo.METHOD_SETTINGS`: the paper's 200).
 
     These are the world's "real images" of the class: drawn, not generated, half of them patterned,
-    none of a reserved (subject) combination, captioned as the pretraining data is.
+    none of a reserved (subject) combination, captioned as `base_model`'s pretraining data was (its
+    rare words: named instances among them, or noise; default: the shipped model's).
     """
     import numpy as np
 
@@ -52,15 +54,19 @@ def write_real_class_images(cls: str, out_dir: Path, count: int | None = None, s
     done = out_dir / ".complete"
     if done.exists():
         return out_dir
+    from .pretrain import pretrained_settings
+
+    rare_words = pretrained_settings(base_model or MODEL_DIR).rare_words
+    named_share = render.NAMED_SHARE if rare_words == "instances" else 0.0
     rng = np.random.default_rng([seed, 4242, render.CLASSES.index(cls)])
     written = 0
     while written < count:
-        scene = render.random_scene(rng, pattern_share=render.PATTERN_SHARE)
+        scene = render.random_scene(rng, pattern_share=render.PATTERN_SHARE, named_share=named_share)
         if scene.cls != cls:
             continue
         path = out_dir / f"{written:03d}.png"
         save_image(render.render_pil(scene), path)
-        write_text(path.with_suffix(".txt"), render.caption(scene, rng) + "\n")
+        write_text(path.with_suffix(".txt"), render.caption(scene, rng, rare_words) + "\n")
         written += 1
     write_text(done, "")
     return out_dir
@@ -83,7 +89,8 @@ def _config(subjects: list[Subject], method: str, overrides: dict, out: Path, ru
     for i, subject in enumerate(subjects):
         class_dir = out / "class_images" / subject.class_noun
         if method == "custom_diffusion":
-            class_dir = write_real_class_images(subject.class_noun, out / "real_images" / subject.class_noun, seed=seed)
+            class_dir = write_real_class_images(subject.class_noun, out / "real_images" / subject.class_noun, seed=seed,
+                                                base_model=base_model)
         cfg = train_config(subject, method, out / "subjects" / subject.name, class_dir, run_dir, steps=steps,
                            seed=seed, base_model=base_model, **overrides)
         concept = cfg.concepts[0]
@@ -175,7 +182,8 @@ def run_compare(subjects: list[str], *, models: list[str] | None = None, output_
     for subject in chosen:
         write_subject_images(subject, out / "subjects" / subject.name)
         if "custom_diffusion" in wanted:  # shared by the single, joint and merged runs: written once, here
-            write_real_class_images(subject.class_noun, out / "real_images" / subject.class_noun, seed=seed)
+            write_real_class_images(subject.class_noun, out / "real_images" / subject.class_noun, seed=seed,
+                                    base_model=base_model)
     common = {"out": out, "base_model": base_model, "steps": steps, "seed": seed,
               "images_per_prompt": images_per_prompt}
     cells = [(subject.name, index, label) for index, subject in enumerate(chosen)

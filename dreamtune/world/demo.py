@@ -347,7 +347,8 @@ def _model_job(name: str, *, subject: str, base_model: Path, out: Path, steps: i
     if name == "custom_diffusion":
         from .compare import write_real_class_images
 
-        class_dir = write_real_class_images(chosen.class_noun, out / "real_images" / chosen.class_noun, seed=seed)
+        class_dir = write_real_class_images(chosen.class_noun, out / "real_images" / chosen.class_noun, seed=seed,
+                                            base_model=base_model)
     config = train_config(chosen, name, out / "subject", class_dir, out / name, steps=steps, seed=seed,
                           base_model=base_model)
     t0 = time.monotonic()

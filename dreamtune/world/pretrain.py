@@ -684,8 +684,23 @@ def _use_refined_decoder(vae, run_dir: Path) -> None:
                             strict=False)
 
 
-def export_pipeline(components: dict, ema: dict | None, destination: str | Path, *, fp16: bool = True) -> Path:
-    """Write the base model as a diffusers StableDiffusionPipeline folder (EMA weights, safetensors)."""
+# Beside a pretrained pipeline's diffusers files: the settings it was pretrained with (diffusers ignores it).
+SETTINGS_FILE = "world_pretrain.json"
+
+
+def pretrained_settings(model_dir: str | Path) -> PretrainSettings:
+    """The settings a world pipeline folder was pretrained with (`SETTINGS_FILE`); for a folder without
+    that file (exported before it existed, as the shipped model), the settings of runs before it."""
+    file = Path(model_dir) / SETTINGS_FILE
+    saved = json.loads(file.read_text())["settings"] if file.exists() else {}
+    known = set(asdict(PretrainSettings()))
+    return PretrainSettings(**{k: v for k, v in {**_EARLIER_DEFAULTS, **saved}.items() if k in known})
+
+
+def export_pipeline(components: dict, ema: dict | None, destination: str | Path, *, fp16: bool = True,
+                    settings: PretrainSettings | None = None) -> Path:
+    """Write the base model as a diffusers StableDiffusionPipeline folder (EMA weights, safetensors), with the
+    settings it was pretrained with (`SETTINGS_FILE`) when given."""
     import copy
 
     from diffusers import StableDiffusionPipeline
@@ -721,6 +736,8 @@ def export_pipeline(components: dict, ema: dict | None, destination: str | Path,
             config = json.loads(config_file.read_text())
             config["dtype"] = "float32"
             write_json(config_file, config)
+        if settings is not None:
+            write_json(tmp / SETTINGS_FILE, {"settings": asdict(settings)})
     return destination
 
 
@@ -818,7 +835,7 @@ def pretrain(
     if not done:
         log("stopped in the unet phase; resume to go on")
     _use_refined_decoder(components["vae"], run_dir)
-    destination = export_pipeline(components, ema, run_dir / "pipeline", fp16=fp16)
+    destination = export_pipeline(components, ema, run_dir / "pipeline", fp16=fp16, settings=settings)
     log(f"{'finished' if done else 'stopped (time limit)'}; pipeline written to {destination}")
     return destination
 
@@ -902,4 +919,4 @@ def export_checkpoint(run_dir: str | Path, destination: str | Path, *, fp16: boo
     components["unet"].load_state_dict(load_file(str(unet_dir / "unet.safetensors")))
     components["text_encoder"].load_state_dict(load_file(str(unet_dir / "text_encoder.safetensors")))
     ema = load_file(str(unet_dir / "ema.safetensors"))
-    return export_pipeline(components, ema, destination, fp16=fp16)
+    return export_pipeline(components, ema, destination, fp16=fp16, settings=settings)
