@@ -174,10 +174,12 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides["init_from"] = str(Path(args.init_from).expanduser().resolve())
     if args.warmup_steps is not None:
         overrides["warmup_steps"] = args.warmup_steps
-    if args.text_steps is not None:
-        if args.text_steps < 0:
-            raise DreamtuneError(f"--text-steps must be 0 or more, got {args.text_steps}")
-        overrides["text_steps"] = args.text_steps
+    for setting in ("text_steps", "plain_steps", "text_joint_lr"):  # options that must not be negative
+        value = getattr(args, setting)
+        if value is not None:
+            if value < 0:
+                raise DreamtuneError(f"--{setting.replace('_', '-')} must be 0 or more, got {value}")
+            overrides[setting] = value
     if args.pooled_prompt is not None:
         overrides["text_time_embedding"] = args.pooled_prompt
     if args.rare_words is not None:
@@ -186,16 +188,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         if not 0.0 <= args.pattern_share <= 1.0:
             raise DreamtuneError(f"--pattern-share must be between 0 and 1, got {args.pattern_share}")
         overrides["pattern_share"] = args.pattern_share
-    if args.plain_steps is not None:
-        if args.plain_steps < 0:
-            raise DreamtuneError(f"--plain-steps must be 0 or more, got {args.plain_steps}")
-        overrides["plain_steps"] = args.plain_steps
     if args.text_negatives is not None:
         overrides["text_negatives"] = args.text_negatives
-    if args.text_joint_lr is not None:
-        if args.text_joint_lr < 0:
-            raise DreamtuneError(f"--text-joint-lr must be 0 or more, got {args.text_joint_lr}")
-        overrides["text_joint_lr"] = args.text_joint_lr
     if args.unet_channels:
         try:
             overrides["unet_channels"] = tuple(int(c) for c in args.unet_channels.split(","))
