@@ -195,10 +195,10 @@ def test_continued_pretraining_copies_matching_tensors_and_starts_new_attention_
         pretrain(tmp_path / "second", **TINY)  # resuming it from scratch instead is refused
 
 
-def test_the_text_encoder_learns_in_its_own_phase_and_stays_frozen_while_the_unet_learns(tmp_path):
+def test_the_text_encoder_learns_in_its_own_phase_and_can_stay_frozen_while_the_unet_learns(tmp_path):
     from dreamtune.world.pretrain import PretrainSettings, build_components
 
-    pipe_dir = pretrain(tmp_path, **TINY)
+    pipe_dir = pretrain(tmp_path, text_joint_lr=0.0, **TINY)
     initial = build_components(PretrainSettings(**{k: v for k, v in TINY.items() if k in ("text_steps",)}))
     initial = initial["text_encoder"].state_dict()
     phase = load_file(tmp_path / "checkpoints" / "text" / "clip.safetensors")
@@ -219,12 +219,12 @@ def test_with_no_text_phase_the_text_encoder_trains_with_the_unet(tmp_path):
     assert any(k.startswith("text_encoder.") for k in ema)
 
 
-def test_after_its_phase_the_text_encoder_can_keep_learning_with_the_unet_at_its_own_rate(tmp_path):
+def test_after_its_phase_the_text_encoder_keeps_learning_with_the_unet_at_its_own_rate(tmp_path):
     import json
 
     from dreamtune.world.pretrain import PretrainSettings
 
-    pretrain(tmp_path, text_joint_lr=1e-4, **TINY)
+    pretrain(tmp_path, **TINY)  # the default: learning on at text_joint_lr
     phase = load_file(tmp_path / "checkpoints" / "text" / "clip.safetensors")
     after_phase = {k[len("text_model."):]: v for k, v in phase.items() if k.startswith("text_model.")}
     after_unet = load_file(tmp_path / "checkpoints" / "unet" / "text_encoder.safetensors")
@@ -232,7 +232,9 @@ def test_after_its_phase_the_text_encoder_can_keep_learning_with_the_unet_at_its
                            after_phase["embeddings.token_embedding.weight"])
     assert any(k.startswith("text_encoder.") for k in load_file(tmp_path / "checkpoints" / "unet" / "ema.safetensors"))
     state = json.loads((tmp_path / "checkpoints" / "unet" / "state.json").read_text())
-    assert [g["initial_lr"] for g in state["optimizer"]["param_groups"]] == [PretrainSettings().learning_rate, 1e-4]
+    assert [g["initial_lr"] for g in state["optimizer"]["param_groups"]] == [PretrainSettings().learning_rate,
+                                                                            PretrainSettings().text_joint_lr]
+    assert 0 < PretrainSettings().text_joint_lr < PretrainSettings().learning_rate
 
 
 def test_the_contrastive_loss_is_clips_when_each_caption_fits_only_its_image():
