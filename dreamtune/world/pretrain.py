@@ -158,8 +158,9 @@ def _scene_batch(settings: PretrainSettings, stream: int, index: int, size: int,
 
 
 def _saved_settings(state_file: Path) -> PretrainSettings:
-    """The settings a checkpoint was trained with (settings added later take the value runs had before)."""
-    saved = {**_EARLIER_DEFAULTS, **json.loads(state_file.read_text())["settings"]}
+    """The settings a checkpoint (or a pipeline's `SETTINGS_FILE`) was trained with; settings added later
+    take the value runs had before, and a missing file reads as a run from before them all."""
+    saved = {**_EARLIER_DEFAULTS, **(json.loads(state_file.read_text())["settings"] if state_file.exists() else {})}
     known = set(asdict(PretrainSettings()))
     return PretrainSettings(**{k: v for k, v in saved.items() if k in known})
 
@@ -698,11 +699,8 @@ SETTINGS_FILE = "world_pretrain.json"
 
 def pretrained_settings(model_dir: str | Path) -> PretrainSettings:
     """The settings a world pipeline folder was pretrained with (`SETTINGS_FILE`); for a folder without
-    that file (exported before it existed, as the shipped model), the settings of runs before it."""
-    file = Path(model_dir) / SETTINGS_FILE
-    saved = json.loads(file.read_text())["settings"] if file.exists() else {}
-    known = set(asdict(PretrainSettings()))
-    return PretrainSettings(**{k: v for k, v in {**_EARLIER_DEFAULTS, **saved}.items() if k in known})
+    that file (exported before it existed), the settings of runs before it."""
+    return _saved_settings(Path(model_dir) / SETTINGS_FILE)
 
 
 def export_pipeline(components: dict, ema: dict | None, destination: str | Path, *, fp16: bool = True,
